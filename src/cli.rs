@@ -1,0 +1,251 @@
+//! The command line. Each subcommand only wires parts together; the work lives in the modules.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, LogFormat, Overrides};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "taskgate",
+    version,
+    about = "A reverse proxy for OpenCode that holds completion claims until the child session tree is really done"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy in front of `opencode serve`.
+    Serve {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Block until a session's whole tree is terminal, then report the verdict.
+    Wait(WaitArgs),
+    /// Run the simulated OpenCode runtime (scripted scenarios that show the bug).
+    Sim(SimArgs),
+    /// Show the bug and the fix side by side against the simulated runtime.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (secrets redacted), or the error.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Flags shared by the subcommands that run a proxy.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Path to proxy.toml (defaults are used when absent).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:4097.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// The runtime's URL, e.g. http://127.0.0.1:4096.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl CommonArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            upstream: self.upstream.clone(),
+            log_format: self.log_format,
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// The session whose tree to wait for (`ses_…`).
+    pub session: String,
+    /// Path to proxy.toml (for credentials, settle window, poll interval).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The runtime's URL.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// The session's directory, when the runtime serves several (`?directory=`).
+    #[arg(long)]
+    pub directory: Option<String>,
+    /// Give up after this long (e.g. 30s, 2h); exit code 2.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Print one JSON object instead of the live tree.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:4096")]
+    pub listen: String,
+    /// Multiply every scenario delay by this (0.1 = ten times faster).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Multiply every scenario delay by this (0.1 = ten times faster).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// The scenario to show (see `taskgate sim`); defaults to the native background child.
+    #[arg(long)]
+    pub scenario: Option<String>,
+}
+
+/// Runs the parsed command line and returns the process's exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("taskgate: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { common } => serve(common).await,
+            Command::Config {
+                command: ConfigCommand::Check { config },
+            } => match Config::load(config.as_deref(), &Overrides::default()) {
+                Ok(config) => {
+                    print!("{}", config.to_redacted_toml());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("taskgate: config: {e}");
+                    ExitCode::from(2)
+                }
+            },
+            Command::Wait(args) => crate::oracle::wait_command(args).await,
+            Command::Sim(args) => sim(args).await,
+            Command::Demo(args) => crate::demo::run(args).await,
+        }
+    })
+}
+
+async fn serve(common: CommonArgs) -> ExitCode {
+    let config = match Config::load(common.config.as_deref(), &common.overrides()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("taskgate: config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config);
+    let listener = match tokio::net::TcpListener::bind(config.proxy.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("taskgate: cannot listen on {}: {e}", config.proxy.listen);
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(listen = %config.proxy.listen, upstream = %config.proxy.upstream, "taskgate serving");
+    match crate::proxy::run(listener, config, shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("taskgate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn sim(args: SimArgs) -> ExitCode {
+    init_tracing(&Config::defaults());
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("taskgate: cannot listen on {}: {e}", args.listen);
+            return ExitCode::from(1);
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => println!("taskgate sim listening on http://{addr}"),
+        Err(e) => eprintln!("taskgate: {e}"),
+    }
+    let options = crate::sim::SimOptions {
+        time_scale: args.time_scale,
+    };
+    match crate::sim::run(listener, options, shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("taskgate: sim: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        tracing::info!("shutdown signal received");
+        trigger.cancel();
+    });
+    token
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` if set, else `log.filter`; pretty or JSON lines
+/// on stderr (stdout stays free for the commands that print results).
+pub fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests, demo inside a process that already logs) is harmless.
+    let _ = match config.log.format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,572 @@
+//! `proxy.toml`: the schema, its defaults, environment and flag overrides, and validation.
+//!
+//! Layering, lowest to highest: built-in defaults, the file, `TASKGATE_*` environment variables,
+//! command-line flags. Every layer is merged into one TOML table *before* it is deserialized, so an
+//! environment variable or a flag is checked by exactly the same rules as the file and a bad value
+//! is reported under the key it overrides (`proxy.listen: invalid socket address …`).
+//!
+//! Unknown keys are errors, not warnings: a misspelt `max_hold` silently ignored would mean a
+//! proxy that holds for the default six hours while its operator believes otherwise.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Environment variables and the key each one overrides. Kept as data so that `docs/` and
+/// `config check` can list them and so that every override goes through the same validation.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("TASKGATE_LISTEN", "proxy.listen"),
+    ("TASKGATE_UPSTREAM", "proxy.upstream"),
+    ("TASKGATE_CONNECT_TIMEOUT", "proxy.connect_timeout"),
+    ("TASKGATE_SHUTDOWN_GRACE", "proxy.shutdown_grace"),
+    ("TASKGATE_UPSTREAM_USERNAME", "upstream_auth.username"),
+    ("TASKGATE_UPSTREAM_PASSWORD", "upstream_auth.password"),
+    ("TASKGATE_GATE", "gate.enabled"),
+    ("TASKGATE_SETTLE_WINDOW", "gate.settle_window"),
+    ("TASKGATE_MAX_HOLD", "gate.max_hold"),
+    ("TASKGATE_POLL_INTERVAL", "oracle.poll_interval"),
+    ("TASKGATE_LOG", "log.filter"),
+    ("TASKGATE_LOG_FORMAT", "log.format"),
+];
+
+/// The runtime's own credential variables (`opencode serve` reads the same two). They fill
+/// `upstream_auth` when neither the file nor a `TASKGATE_*` variable set it, so a user who
+/// exported the password for the runtime does not have to repeat it for taskgate.
+const OPENCODE_PASSWORD_ENV: &str = "OPENCODE_SERVER_PASSWORD";
+const OPENCODE_USERNAME_ENV: &str = "OPENCODE_SERVER_USERNAME";
+
+/// Everything that can go wrong while building a [`Config`]. Each message names the file or the
+/// key at fault and says what would have been accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A span of time written the human way in `proxy.toml` (`"500ms"`, `"5s"`, `"6h"`); `"0s"`
+/// means "no limit" wherever a key documents that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(HumanDuration).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write a number and a unit, e.g. \"500ms\", \"5s\", \"6h\""
+            ))
+        })
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub upstream_auth: UpstreamAuth,
+    pub oracle: OracleConfig,
+    pub gate: GateConfig,
+    pub log: LogConfig,
+}
+
+/// `[proxy]`: the forwarder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Where taskgate listens for clients.
+    pub listen: SocketAddr,
+    /// The OpenCode runtime (`opencode serve`), `http://host:port`.
+    pub upstream: String,
+    /// How long to wait for a TCP connection to the runtime before answering 504.
+    pub connect_timeout: HumanDuration,
+    /// Add `X-Forwarded-For/-Proto/-Host` to forwarded requests.
+    pub forwarded_headers: bool,
+    /// On SIGINT/SIGTERM, how long in-flight requests may go on before they are cut.
+    pub shutdown_grace: HumanDuration,
+    /// Largest JSON body the gate will read to inspect; a larger one passes through unread.
+    pub inspect_limit_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4097)),
+            upstream: "http://127.0.0.1:4096".to_owned(),
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            forwarded_headers: true,
+            shutdown_grace: HumanDuration(Duration::from_secs(10)),
+            inspect_limit_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[upstream_auth]`: the credentials taskgate uses for its *own* reads of the runtime (the
+/// oracle's). Client requests keep their own `Authorization` untouched.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamAuth {
+    pub username: String,
+    pub password: Option<String>,
+}
+
+impl Default for UpstreamAuth {
+    fn default() -> Self {
+        UpstreamAuth {
+            username: "opencode".to_owned(),
+            password: None,
+        }
+    }
+}
+
+/// The password never leaves the process: `config check` and `/_taskgate/config` show only
+/// whether one is set.
+impl Serialize for UpstreamAuth {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("UpstreamAuth", 2)?;
+        st.serialize_field("username", &self.username)?;
+        st.serialize_field("password", &self.password.as_ref().map(|_| "<redacted>"))?;
+        st.end()
+    }
+}
+
+/// `[oracle]`: how taskgate asks the runtime about sessions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OracleConfig {
+    /// While somebody waits on a tree, re-read it from the runtime at least this often (events
+    /// from the runtime trigger earlier reads). Also the least time between two reads of one
+    /// tree, however many wait on it.
+    pub poll_interval: HumanDuration,
+    /// Per-request timeout of the oracle's own reads.
+    pub request_timeout: HumanDuration,
+}
+
+impl Default for OracleConfig {
+    fn default() -> Self {
+        OracleConfig {
+            poll_interval: HumanDuration(Duration::from_millis(500)),
+            request_timeout: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// `[gate]`: which completion claims are held, and for how long.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    /// Master switch; `false` makes taskgate a plain transparent proxy.
+    pub enabled: bool,
+    /// Hold root idle events and claim parts in `/event` and `/global/event`.
+    pub events: bool,
+    /// Hold `POST /session/:id/message` until the session's tree is terminal.
+    pub prompt: bool,
+    /// List not-yet-terminal trees as busy in `GET /session/status`.
+    pub status: bool,
+    /// Relabel claim parts in `GET /session/:id/message[/:mid]`.
+    pub history: bool,
+    /// Tool names whose results can claim a child is done.
+    pub claim_tools: Vec<String>,
+    /// A terminal verdict must hold this long, and be re-read, before a claim is released.
+    /// Applies only to trees that had background work.
+    pub settle_window: HumanDuration,
+    /// After this long a claim is released marked "still running", with a warning.
+    pub max_hold: HumanDuration,
+    /// Most events held at once on one event stream; past it, events pass and a warning is logged.
+    pub max_held_events: usize,
+    /// Rewrite a claim whose verdict contradicts it (claimed completed, child aborted/failed).
+    pub rewrite_contradictions: bool,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            enabled: true,
+            events: true,
+            prompt: true,
+            status: true,
+            history: true,
+            claim_tools: [
+                "task",
+                "task_status",
+                "background_output",
+                "mcp_background_output",
+                "TaskOutput",
+            ]
+            .map(String::from)
+            .to_vec(),
+            settle_window: HumanDuration(Duration::from_secs(1)),
+            max_hold: HumanDuration(Duration::from_secs(6 * 3600)),
+            max_held_events: 10_000,
+            rewrite_contradictions: true,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `RUST_LOG`-style filter, e.g. `"info"` or `"taskgate=debug,info"`. `RUST_LOG` wins.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            filter: "info".to_owned(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// The file as written: every section optional, unknown sections rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    proxy: ProxyConfig,
+    upstream_auth: UpstreamAuth,
+    oracle: OracleConfig,
+    gate: GateConfig,
+    log: LogConfig,
+}
+
+/// Overrides given on the command line; `None` leaves the lower layers alone.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// The built-in defaults, validated like any other layer (used by `demo` and tests).
+    pub fn defaults() -> Config {
+        match Config::from_table(toml::Table::new()) {
+            Ok(config) => config,
+            // The defaults are constants of this file; a failure here is a bug in taskgate.
+            Err(e) => panic!("built-in defaults are invalid: {e}"),
+        }
+    }
+
+    /// Loads `path` (or only the defaults when `None`), then the environment, then `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, overrides, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with the environment passed in, so tests do not mutate the process's.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                parse_table(&path.display().to_string(), &text)?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, key) in ENV_OVERRIDES {
+            if let Some(value) = env(name) {
+                set_key(&mut table, key, value)?;
+            }
+        }
+        let auth_set = |t: &toml::Table, k: &str| {
+            t.get("upstream_auth")
+                .and_then(|a| a.as_table())
+                .is_some_and(|a| a.contains_key(k))
+        };
+        if !auth_set(&table, "password") {
+            if let Some(password) = env(OPENCODE_PASSWORD_ENV) {
+                set_key(&mut table, "upstream_auth.password", password)?;
+            }
+        }
+        if !auth_set(&table, "username") {
+            if let Some(username) = env(OPENCODE_USERNAME_ENV) {
+                set_key(&mut table, "upstream_auth.username", username)?;
+            }
+        }
+        if let Some(listen) = &overrides.listen {
+            set_key(&mut table, "proxy.listen", listen.clone())?;
+        }
+        if let Some(upstream) = &overrides.upstream {
+            set_key(&mut table, "proxy.upstream", upstream.clone())?;
+        }
+        if let Some(format) = overrides.log_format {
+            let name = match format {
+                LogFormat::Pretty => "pretty",
+                LogFormat::Json => "json",
+            };
+            set_key(&mut table, "log.format", name.to_owned())?;
+        }
+        Config::from_table(table)
+    }
+
+    /// Parses `text` as a whole config file (used by tests and `config check`).
+    pub fn from_toml_str(name: &str, text: &str) -> Result<Config, ConfigError> {
+        Config::from_table(parse_table(name, text)?)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let key = if key == "." { "config".to_owned() } else { key };
+                ConfigError::Invalid {
+                    key,
+                    message: e.into_inner().message().to_owned(),
+                }
+            })?;
+        let config = Config {
+            proxy: raw.proxy,
+            upstream_auth: raw.upstream_auth,
+            oracle: raw.oracle,
+            gate: raw.gate,
+            log: raw.log,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        upstream_authority(&self.proxy.upstream)
+            .map_err(|message| ConfigError::invalid("proxy.upstream", message))?;
+        if self.proxy.connect_timeout.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "proxy.connect_timeout",
+                "must be more than 0s (a connect with no deadline can hang forever)",
+            ));
+        }
+        if self.proxy.inspect_limit_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "proxy.inspect_limit_bytes",
+                "must be at least 1",
+            ));
+        }
+        if self.oracle.poll_interval.0 < Duration::from_millis(10) {
+            return Err(ConfigError::invalid(
+                "oracle.poll_interval",
+                "must be at least 10ms",
+            ));
+        }
+        if self.oracle.request_timeout.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "oracle.request_timeout",
+                "must be more than 0s",
+            ));
+        }
+        if self.gate.max_hold.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "gate.max_hold",
+                "must be more than 0s",
+            ));
+        }
+        if self.gate.max_held_events == 0 {
+            return Err(ConfigError::invalid(
+                "gate.max_held_events",
+                "must be at least 1",
+            ));
+        }
+        if let Some(name) = self.gate.claim_tools.iter().find(|n| n.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "gate.claim_tools",
+                format!("tool names must not be empty (got {name:?})"),
+            ));
+        }
+        if self.upstream_auth.username.is_empty() {
+            return Err(ConfigError::invalid(
+                "upstream_auth.username",
+                "must not be empty (the runtime's default user is \"opencode\")",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
+            .map_err(|e| ConfigError::invalid("log.filter", format!("invalid filter: {e}")))?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets redacted (`config check`, `/_taskgate/config`).
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Checks that `upstream` is an `http://host:port` URL and returns its authority.
+/// Only plain HTTP: the runtime listens on loopback without TLS.
+pub fn upstream_authority(upstream: &str) -> Result<http::uri::Authority, String> {
+    let uri: http::Uri = upstream.parse().map_err(|e| {
+        format!("{upstream:?} is not a URL ({e}); expected e.g. \"http://127.0.0.1:4096\"")
+    })?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "{upstream:?}: only http:// upstreams are supported (got scheme {:?})",
+            uri.scheme_str().unwrap_or("none")
+        ));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{upstream:?} has no host"))?;
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(format!(
+            "{upstream:?}: a path prefix is not supported; give only scheme, host and port"
+        ));
+    }
+    Ok(authority)
+}
+
+fn parse_table(name: &str, text: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Syntax {
+            path: name.to_owned(),
+            message: e.to_string(),
+        })
+}
+
+/// Sets `section.key` in `table` from a string given in the environment or on the command line.
+/// The string is read as a TOML value when it is one (`true`, `3`), else kept as a string, so
+/// `TASKGATE_GATE=false` and `TASKGATE_LISTEN=127.0.0.1:5000` both mean what they say.
+fn set_key(table: &mut toml::Table, key: &str, raw: String) -> Result<(), ConfigError> {
+    let (section, field) = key
+        .split_once('.')
+        .ok_or_else(|| ConfigError::invalid(key, "override key must be section.field"))?;
+    let value = match raw.parse::<toml::Value>() {
+        Ok(v @ (toml::Value::Boolean(_) | toml::Value::Integer(_))) => v,
+        _ => toml::Value::String(raw),
+    };
+    let entry = table
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match entry {
+        toml::Value::Table(t) => {
+            t.insert(field.to_owned(), value);
+            Ok(())
+        }
+        _ => Err(ConfigError::invalid(section, "must be a table ([section])")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn the_shipped_proxy_toml_is_valid_and_equals_the_defaults() {
+        let text = include_str!("../proxy.toml");
+        let file = Config::from_toml_str("proxy.toml", text).expect("proxy.toml is valid");
+        assert_eq!(
+            file.to_redacted_toml(),
+            Config::defaults().to_redacted_toml()
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml_str("t", "[proxy]\nlisen = \"127.0.0.1:1\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("proxy.lisen"), "{msg}");
+        assert!(msg.contains("expected one of"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let err = Config::from_toml_str("t", "[proxi]\n").unwrap_err();
+        assert!(err.to_string().contains("proxi"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key_and_the_form() {
+        let err = Config::from_toml_str("t", "[gate]\nmax_hold = \"six hours\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("gate.max_hold"), "{msg}");
+        assert!(msg.contains("\"5s\""), "{msg}");
+    }
+
+    #[test]
+    fn bad_upstream_is_explained() {
+        let err = Config::from_toml_str("t", "[proxy]\nupstream = \"https://x:1\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("proxy.upstream"), "{err}");
+    }
+
+    #[test]
+    fn env_sits_between_file_and_flags() {
+        let dir = std::env::temp_dir().join(format!("taskgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        std::fs::write(
+            &path,
+            "[proxy]\nlisten = \"127.0.0.1:1000\"\nupstream = \"http://127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let env = |name: &str| match name {
+            "TASKGATE_LISTEN" => Some("127.0.0.1:2000".to_owned()),
+            "TASKGATE_UPSTREAM" => Some("http://127.0.0.1:2".to_owned()),
+            "TASKGATE_GATE" => Some("false".to_owned()),
+            _ => None,
+        };
+        let flags = Overrides {
+            upstream: Some("http://127.0.0.1:3".to_owned()),
+            ..Overrides::default()
+        };
+        let c = Config::load_with_env(Some(&path), &flags, env).unwrap();
+        assert_eq!(c.proxy.listen.port(), 2000, "env beats the file");
+        assert_eq!(c.proxy.upstream, "http://127.0.0.1:3", "a flag beats env");
+        assert!(!c.gate.enabled);
+        let bad = |name: &str| (name == "TASKGATE_LISTEN").then(|| "nowhere".to_owned());
+        let err = Config::load_with_env(Some(&path), &Overrides::default(), bad).unwrap_err();
+        assert!(err.to_string().starts_with("proxy.listen"), "{err}");
+    }
+
+    #[test]
+    fn opencode_password_is_used_and_never_shown() {
+        let env = |name: &str| (name == "OPENCODE_SERVER_PASSWORD").then(|| "s3cret".to_owned());
+        let c = Config::load_with_env(None, &Overrides::default(), env).unwrap();
+        assert_eq!(c.upstream_auth.password.as_deref(), Some("s3cret"));
+        assert_eq!(c.upstream_auth.username, "opencode");
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        let plain = Config::load_with_env(None, &Overrides::default(), no_env).unwrap();
+        assert!(plain.upstream_auth.password.is_none());
+    }
+}
