@@ -48,3 +48,6 @@ impl Gate {
         serde_json::json!({"holds": []})
     }
 }
+
+pub mod claims;
+pub mod sse;
