@@ -308,7 +308,12 @@ fn task_output_tags(output: &str, input: &Value) -> Option<Claim> {
     let claimed = claimed_word(status)?;
     let id = tag_value(output, "task_id")
         .map(str::to_owned)
-        .or_else(|| input.get("task_id").and_then(Value::as_str).map(str::to_owned))?;
+        .or_else(|| {
+            input
+                .get("task_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })?;
     Some(Claim {
         source: Source::TaskOutput,
         claimed,
@@ -325,7 +330,10 @@ fn supervised(text: &str) -> Option<Claim> {
     let id = line_value(text, "session_id:").filter(|v| v.starts_with("ses_"));
     let children = match id {
         Some(id) => vec![ChildLink::Session(id.to_owned())],
-        None => ids(text, "bg_").into_iter().map(ChildLink::Background).collect(),
+        None => ids(text, "bg_")
+            .into_iter()
+            .map(ChildLink::Background)
+            .collect(),
     };
     (!children.is_empty()).then_some(Claim {
         source: Source::Supervised,
@@ -464,7 +472,9 @@ mod tests {
         assert_eq!(tool_result(&tools(), "task", &Value::Null, &out), None);
         let done = format!("<task id=\"{CHILD}\" state=\"completed\">…</task>");
         assert_eq!(
-            tool_result(&tools(), "task", &Value::Null, &done).unwrap().claimed,
+            tool_result(&tools(), "task", &Value::Null, &done)
+                .unwrap()
+                .claimed,
             Claimed::Completed
         );
     }
@@ -473,9 +483,15 @@ mod tests {
     fn task_status_state_lines() {
         let out = format!("task_id: {CHILD}\nstate: completed\n\n<task_result>x</task_result>");
         let c = tool_result(&tools(), "task_status", &Value::Null, &out).unwrap();
-        assert_eq!((c.source, c.claimed), (Source::TaskStatus, Claimed::Completed));
+        assert_eq!(
+            (c.source, c.claimed),
+            (Source::TaskStatus, Claimed::Completed)
+        );
         let running = format!("task_id: {CHILD}\nstate: running\n");
-        assert_eq!(tool_result(&tools(), "task_status", &Value::Null, &running), None);
+        assert_eq!(
+            tool_result(&tools(), "task_status", &Value::Null, &running),
+            None
+        );
     }
 
     #[test]
@@ -487,11 +503,22 @@ mod tests {
         let error = "# Task Status\n\n| Field | Value |\n|---|---|\n| Task ID | `bg_04817ab3` |\n| Status | **error** |\n";
         let c = tool_result(&tools(), "background_output", &Value::Null, error).unwrap();
         assert_eq!(c.claimed, Claimed::Error);
-        assert_eq!(c.children, vec![ChildLink::Background("bg_04817ab3".into())]);
-        let running = "# Task Status\n\n| Status | **running** |\n| Task ID | `bg_04817ab3` |";
-        assert_eq!(tool_result(&tools(), "background_output", &Value::Null, running), None);
         assert_eq!(
-            tool_result(&tools(), "background_output", &Value::Null, "(No new output since last check)"),
+            c.children,
+            vec![ChildLink::Background("bg_04817ab3".into())]
+        );
+        let running = "# Task Status\n\n| Status | **running** |\n| Task ID | `bg_04817ab3` |";
+        assert_eq!(
+            tool_result(&tools(), "background_output", &Value::Null, running),
+            None
+        );
+        assert_eq!(
+            tool_result(
+                &tools(),
+                "background_output",
+                &Value::Null,
+                "(No new output since last check)"
+            ),
             None
         );
     }
@@ -499,8 +526,17 @@ mod tests {
     #[test]
     fn task_output_tags_link_through_input() {
         let out = "<retrieval_status>success</retrieval_status>\n<status>completed</status>\n<output>x</output>";
-        let c = tool_result(&tools(), "TaskOutput", &json!({"task_id":"bg_12345678","block":true}), out).unwrap();
-        assert_eq!(c.children, vec![ChildLink::Background("bg_12345678".into())]);
+        let c = tool_result(
+            &tools(),
+            "TaskOutput",
+            &json!({"task_id":"bg_12345678","block":true}),
+            out,
+        )
+        .unwrap();
+        assert_eq!(
+            c.children,
+            vec![ChildLink::Background("bg_12345678".into())]
+        );
         assert_eq!(c.source, Source::TaskOutput);
     }
 
@@ -508,32 +544,48 @@ mod tests {
     fn unconfigured_tools_are_ignored() {
         let only_task = ClaimTools::new(&["task".to_owned()]);
         let result = format!("Task Result\n\nSession ID: {CHILD}\n");
-        assert_eq!(tool_result(&only_task, "background_output", &Value::Null, &result), None);
+        assert_eq!(
+            tool_result(&only_task, "background_output", &Value::Null, &result),
+            None
+        );
         assert_eq!(only_task.canonical("mcp_task"), Some("task"));
     }
 
     #[test]
     fn injected_results_and_wakes() {
-        let injected = format!("<task id=\"{CHILD}\" state=\"error\">\n<task_error>boom</task_error></task>");
+        let injected =
+            format!("<task id=\"{CHILD}\" state=\"error\">\n<task_error>boom</task_error></task>");
         let c = message_text(&injected).unwrap();
         assert_eq!((c.source, c.claimed), (Source::Injection, Claimed::Error));
         let wake = "[ALL BACKGROUND TASKS COMPLETE]\n- `bg_04817ab3`: child task\n<!-- OMO_INTERNAL_INITIATOR -->";
         let c = message_text(wake).unwrap();
         assert_eq!(c.source, Source::Wake);
-        assert_eq!(c.children, vec![ChildLink::Background("bg_04817ab3".into())]);
+        assert_eq!(
+            c.children,
+            vec![ChildLink::Background("bg_04817ab3".into())]
+        );
         assert_eq!(message_text("please continue"), None);
     }
 
     #[test]
     fn launches_map_background_ids_to_sessions() {
         let launch = format!("Background task launched.\n\nBackground Task ID: bg_04817ab3\nStatus: pending\n\n<task_metadata>\nsession_id: {CHILD}\nbackground_task_id: bg_04817ab3\nsubagent: Sisyphus-Junior\n</task_metadata>");
-        assert_eq!(launches(&launch, None), vec![("bg_04817ab3".to_owned(), CHILD.to_owned())]);
+        assert_eq!(
+            launches(&launch, None),
+            vec![("bg_04817ab3".to_owned(), CHILD.to_owned())]
+        );
         let omo_agent = format!("Background agent task launched successfully.\n\nTask ID: bg_aaaabbbb\nSession ID: {CHILD}\nStatus: pending");
-        assert_eq!(launches(&omo_agent, None), vec![("bg_aaaabbbb".to_owned(), CHILD.to_owned())]);
+        assert_eq!(
+            launches(&omo_agent, None),
+            vec![("bg_aaaabbbb".to_owned(), CHILD.to_owned())]
+        );
     }
 
     #[test]
     fn ids_respect_word_boundaries() {
-        assert_eq!(ids("x ses_abcd1234, myses_zzzz9999 ses_abcd1234", "ses_"), vec!["ses_abcd1234"]);
+        assert_eq!(
+            ids("x ses_abcd1234, myses_zzzz9999 ses_abcd1234", "ses_"),
+            vec!["ses_abcd1234"]
+        );
     }
 }

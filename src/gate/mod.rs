@@ -1,53 +1,258 @@
 //! The gate: finds completion claims in responses and event streams, holds them until the
-//! oracle says the child's tree is terminal, releases them with the truth. (Issue 5.)
+//! oracle says the child's tree is terminal, and releases them with the truth.
+//!
+//! The proxy asks [`Gate::intercept`] with the request alone (before forwarding, so it can ask
+//! the runtime for an identity-encoded body), then hands the runtime's response to
+//! [`Gate::filter`]. Everything the gate cannot inspect passes through unchanged. The gate never
+//! decides what is terminal: it asks the [`Oracle`].
+//!
+//! Surfaces (each switchable in `[gate]`):
+//! - `GET /event`, `GET /global/event`: [`events`] holds root idles and claim parts.
+//! - `POST /session/:id/message`: [`json::prompt`] holds the reply until the tree is terminal.
+//! - `GET /session/status`: [`json::status`] lists not-yet-terminal trees as busy.
+//! - `GET /session/:id/message[/:mid]`: [`json::history`] relabels premature claim parts.
+
+pub mod claims;
+mod events;
+pub mod holds;
+mod json;
+pub mod sse;
+
+use std::sync::Arc;
 
 use axum::body::Body;
 use http::{HeaderMap, Method, Response, Uri};
-
-use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::oracle::Oracle;
 use tokio_util::sync::CancellationToken;
 
-/// A response the gate wants to see, decided from the request alone (before it is forwarded,
-/// so the proxy can ask the runtime for an identity-encoded body).
-#[derive(Debug, Clone)]
-pub struct Intercept {}
+use crate::config::{Config, GateConfig};
+use crate::metrics::{KindLabel, Metrics};
+use crate::oracle::{Oracle, SessionRef};
 
+use claims::ClaimTools;
+use holds::Holds;
+
+/// A response the gate wants to see, decided from the request alone.
+#[derive(Debug, Clone)]
+pub struct Intercept {
+    surface: Surface,
+}
+
+#[derive(Debug, Clone)]
+enum Surface {
+    /// `/event` (one directory) or `/global/event` (all, wrapped).
+    Events {
+        directory: Option<String>,
+        global: bool,
+    },
+    /// A synchronous prompt.
+    Prompt(SessionRef),
+    /// The status map of one directory.
+    Status { directory: Option<String> },
+    /// A session's messages, or one message.
+    History { single: bool },
+}
+
+/// The gate's handle; cheap to clone.
 #[derive(Clone)]
-pub struct Gate {}
+pub struct Gate {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: GateConfig,
+    tools: ClaimTools,
+    oracle: Oracle,
+    metrics: Metrics,
+    holds: Holds,
+    shutdown: CancellationToken,
+    /// Largest body read for inspection (`proxy.inspect_limit_bytes`).
+    inspect_limit: usize,
+}
 
 impl Gate {
     pub fn new(
-        _config: &Config,
-        _oracle: Oracle,
-        _metrics: Metrics,
-        _shutdown: CancellationToken,
+        config: &Config,
+        oracle: Oracle,
+        metrics: Metrics,
+        shutdown: CancellationToken,
     ) -> Gate {
-        Gate {}
+        Gate {
+            inner: Arc::new(Inner {
+                config: config.gate.clone(),
+                tools: ClaimTools::new(&config.gate.claim_tools),
+                oracle,
+                holds: Holds::new(metrics.clone()),
+                metrics,
+                shutdown,
+                inspect_limit: config.proxy.inspect_limit_bytes,
+            }),
+        }
     }
 
     /// Whether the response to this request may carry claims the gate must inspect.
-    pub fn intercept(
-        &self,
-        _method: &Method,
-        _uri: &Uri,
-        _headers: &HeaderMap,
-    ) -> Option<Intercept> {
-        None
+    pub fn intercept(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Intercept> {
+        let config = &self.inner.config;
+        if !config.enabled {
+            return None;
+        }
+        let directory = directory(uri, headers);
+        let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+        let surface = match (method, segments.as_slice()) {
+            (&Method::GET, ["event"]) if config.events => Surface::Events {
+                directory,
+                global: false,
+            },
+            (&Method::GET, ["global", "event"]) if config.events => Surface::Events {
+                directory: None,
+                global: true,
+            },
+            (&Method::GET, ["session", "status"]) if config.status => Surface::Status { directory },
+            (&Method::POST, ["session", id, "message"]) if config.prompt => {
+                Surface::Prompt(SessionRef {
+                    id: decode(id),
+                    directory,
+                })
+            }
+            (&Method::GET, ["session", _, "message"]) if config.history => {
+                Surface::History { single: false }
+            }
+            (&Method::GET, ["session", _, "message", _]) if config.history => {
+                Surface::History { single: true }
+            }
+            _ => return None,
+        };
+        Some(Intercept { surface })
     }
 
-    /// Inspects (and possibly holds or rewrites) the runtime's response to an intercepted request.
-    /// Cancel-safe: dropping the future (client gone) drops the hold.
-    pub async fn filter(&self, _intercept: Intercept, response: Response<Body>) -> Response<Body> {
-        response
+    /// Inspects (and possibly holds or rewrites) the runtime's response to an intercepted
+    /// request. Cancel-safe: dropping the future (the client went away) drops the hold.
+    pub async fn filter(&self, intercept: Intercept, response: Response<Body>) -> Response<Body> {
+        if !response.status().is_success() {
+            return response;
+        }
+        if let Some(encoding) = response.headers().get(http::header::CONTENT_ENCODING) {
+            if encoding.as_bytes() != b"identity" {
+                // The proxy asked for identity; a runtime that compresses anyway is passed
+                // through unread rather than broken.
+                self.count_uninspected("encoded");
+                return response;
+            }
+        }
+        match intercept.surface {
+            Surface::Events { directory, global } => {
+                events::gate_stream(self.clone(), response, directory, global)
+            }
+            Surface::Prompt(session) => json::prompt(self, session, response).await,
+            Surface::Status { directory } => json::status(self, directory, response).await,
+            Surface::History { single } => json::history(self, single, response).await,
+        }
     }
 
     /// What is held now, for `GET /_taskgate/holds`.
     pub fn holds(&self) -> serde_json::Value {
-        serde_json::json!({"holds": []})
+        serde_json::json!({ "holds": self.inner.holds.snapshot() })
+    }
+
+    fn count_uninspected(&self, kind: &'static str) {
+        self.inner
+            .metrics
+            .passthrough_uninspected
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 }
 
-pub mod claims;
-pub mod sse;
+/// Marks a released claim part with `metadata.taskgate = {verdict, held_ms, child, reason}`.
+/// When the verdict contradicts the claim (it said completed; the child failed or was aborted)
+/// and `rewrite` is on, a tool part becomes an `error` naming the child and what happened, the
+/// original state kept under `metadata.taskgate.original`. Returns whether it was a
+/// contradiction.
+pub(crate) fn annotate_part(
+    part: &mut serde_json::Value,
+    claim: &claims::Claim,
+    verdict: &crate::oracle::Verdict,
+    held_ms: u64,
+    child: &str,
+    rewrite: bool,
+) -> bool {
+    use crate::oracle::Verdict;
+    use serde_json::{json, Value};
+    let contradiction = claim.claimed == claims::Claimed::Completed
+        && matches!(verdict, Verdict::Failed { .. } | Verdict::Aborted { .. });
+    let mut taskgate = json!({
+        "verdict": verdict.name(),
+        "reason": holds::reason(verdict),
+        "held_ms": held_ms,
+        "child": child,
+    });
+    let is_tool = part.get("type").and_then(Value::as_str) == Some("tool");
+    if is_tool {
+        let Some(state) = part.get_mut("state").filter(|s| s.is_object()) else {
+            return contradiction;
+        };
+        if contradiction && rewrite {
+            taskgate["original"] = state.clone();
+            let error = format!("taskgate: child {}", holds::reason(verdict));
+            state["status"] = json!("error");
+            state["error"] = json!(error);
+            if let Some(obj) = state.as_object_mut() {
+                obj.remove("output");
+            }
+        }
+        if !state.get("metadata").is_some_and(Value::is_object) {
+            state["metadata"] = json!({});
+        }
+        state["metadata"]["taskgate"] = taskgate;
+    } else if let Some(obj) = part.as_object_mut() {
+        let metadata = obj.entry("metadata").or_insert_with(|| json!({}));
+        if !metadata.is_object() {
+            *metadata = json!({});
+        }
+        metadata["taskgate"] = taskgate;
+    }
+    contradiction
+}
+
+/// The directory a request is scoped to: `?directory=` first, then the `x-opencode-directory`
+/// header (URI-encoded), as the runtime itself resolves it.
+fn directory(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    let from_query = uri.query().and_then(|q| {
+        q.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == "directory").then(|| decode(&v.replace('+', " ")))
+        })
+    });
+    from_query.or_else(|| {
+        headers
+            .get("x-opencode-directory")
+            .and_then(|v| v.to_str().ok())
+            .map(decode)
+    })
+}
+
+fn decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_comes_from_the_query_then_the_header() {
+        let uri: Uri = "/event?directory=%2Fhome%2Fdev%2Fmy%20project"
+            .parse()
+            .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-opencode-directory", "%2Fother".parse().unwrap());
+        assert_eq!(
+            directory(&uri, &headers).as_deref(),
+            Some("/home/dev/my project")
+        );
+        let bare: Uri = "/event".parse().unwrap();
+        assert_eq!(directory(&bare, &headers).as_deref(), Some("/other"));
+        assert_eq!(directory(&bare, &HeaderMap::new()), None);
+    }
+}

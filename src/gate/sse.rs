@@ -66,16 +66,11 @@ impl Framer {
         }
         self.buf.extend_from_slice(data);
         let mut out = Vec::new();
-        loop {
-            match self.next_frame_end() {
-                Some(end) => {
-                    let frame = self.buf.split_to(end).freeze();
-                    self.scan = 0;
-                    self.line_start = 0;
-                    out.push(Chunk::Frame(frame));
-                }
-                None => break,
-            }
+        while let Some(end) = self.next_frame_end() {
+            let frame = self.buf.split_to(end).freeze();
+            self.scan = 0;
+            self.line_start = 0;
+            out.push(Chunk::Frame(frame));
         }
         if self.buf.len() > self.max_frame {
             self.raw = true;

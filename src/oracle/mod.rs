@@ -123,6 +123,17 @@ impl Oracle {
         unimplemented!("issue 3")
     }
 
+    /// The parent of a session (`parentID`), `None` for a root or when it cannot be read.
+    /// Parent links never change, so this may be served from what the watcher learned.
+    pub async fn parent(&self, _session: &SessionRef) -> Option<String> {
+        unimplemented!("issue 3")
+    }
+
+    /// The session's latest assistant message as the runtime returns it (`{info, parts}`).
+    pub async fn last_assistant_message(&self, _session: &SessionRef) -> Option<serde_json::Value> {
+        unimplemented!("issue 3")
+    }
+
     /// The poll interval, so callers can bound how stale a decision may be.
     pub fn poll_interval(&self) -> Duration {
         unimplemented!("issue 3")

@@ -1,0 +1,492 @@
+//! The event-stream gate (`/event`, `/global/event`).
+//!
+//! One relay task per stream reads the runtime's bytes, cuts them into frames with the
+//! [`sse::Framer`](super::sse::Framer), and decides per frame: **pass** (almost all), **hold**
+//! (a session's idle while its tree is not terminal; a part claiming a child is done while the
+//! child's tree is not terminal), or **supersede** (a later update of a held part replaces it;
+//! a session going busy again drops its held idles, a later idle takes their place).
+//!
+//! Held frames wait aside: they never delay other events, and each target session has one
+//! oracle wait however many frames wait on it. The relay task owns all the stream's state, so
+//! there are no locks; waits report back through a channel. Frames it cannot parse pass through
+//! untouched.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{header, Response};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::claims::{self, Claim};
+use super::holds::{HoldGuard, HoldKind};
+use super::json::{learn_launches, resolve};
+use super::sse::{self, Chunk, Framer};
+use super::{annotate_part, Gate};
+use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
+
+type Frame = Result<Bytes, axum::Error>;
+
+/// Wraps an event-stream response so its claims pass through the gate.
+pub(super) fn gate_stream(
+    gate: Gate,
+    response: Response<Body>,
+    directory: Option<String>,
+    global: bool,
+) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    // A small buffer: the relay waits for a slow client rather than piling frames up, which
+    // keeps memory bounded and order intact.
+    let (tx, rx) = mpsc::channel::<Frame>(64);
+    let relay = Relay::new(gate, directory, global, tx);
+    tokio::spawn(relay.run(body));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|frame| (frame, rx))
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// What one frame asks for.
+enum Action {
+    Pass,
+    /// `session.status` idle or `session.idle` of this session.
+    Idle(SessionRef),
+    /// `session.status` busy/retry: the session works again.
+    Busy(String),
+    /// A part claiming its children are done.
+    Claim {
+        session: String,
+        directory: Option<String>,
+        part_id: Option<String>,
+        claim: Claim,
+        children: Vec<String>,
+    },
+}
+
+/// A frame waiting for its targets' trees.
+struct Held {
+    frame: Bytes,
+    /// The session the event belongs to.
+    session: String,
+    kind: HeldKind,
+    /// Targets not yet terminal.
+    pending: Vec<String>,
+    /// Decisions of the targets already resolved.
+    decided: Vec<(String, Decision)>,
+    guard: HoldGuard,
+}
+
+enum HeldKind {
+    Idle,
+    Claim {
+        part_id: Option<String>,
+        claim: Claim,
+    },
+}
+
+struct Relay {
+    gate: Gate,
+    directory: Option<String>,
+    global: bool,
+    tx: mpsc::Sender<Frame>,
+    framer: Framer,
+    /// Held frames by arrival order, so releases of one session keep their order.
+    held: BTreeMap<u64, Held>,
+    seq: u64,
+    /// One oracle wait per target session.
+    waits: HashMap<String, JoinHandle<()>>,
+    done_tx: mpsc::UnboundedSender<(String, Result<Decision, OracleError>)>,
+    done_rx: mpsc::UnboundedReceiver<(String, Result<Decision, OracleError>)>,
+    /// `bg_…` → `ses_…` learned from launch results seen on this stream.
+    launches: HashMap<String, String>,
+}
+
+/// The client is gone (or shutdown): stop relaying.
+struct Closed;
+
+impl Relay {
+    fn new(gate: Gate, directory: Option<String>, global: bool, tx: mpsc::Sender<Frame>) -> Relay {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Relay {
+            gate,
+            directory,
+            global,
+            tx,
+            framer: Framer::default(),
+            held: BTreeMap::new(),
+            seq: 0,
+            waits: HashMap::new(),
+            done_tx,
+            done_rx,
+            launches: HashMap::new(),
+        }
+    }
+
+    async fn run(mut self, mut body: Body) {
+        let shutdown = self.gate.inner.shutdown.clone();
+        let tx = self.tx.clone();
+        loop {
+            let step = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tx.closed() => break,
+                Some((target, outcome)) = self.done_rx.recv() => self.resolved(target, outcome).await,
+                frame = body.frame() => match frame {
+                    None => {
+                        if let Some(rest) = self.framer.finish() {
+                            let _ = self.send(rest).await;
+                        }
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        let _ = self.tx.send(Err(e)).await;
+                        break;
+                    }
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => self.bytes(&data).await,
+                        Err(_) => Ok(()),
+                    },
+                },
+            };
+            if step.is_err() {
+                break;
+            }
+        }
+        for (_, wait) in self.waits.drain() {
+            wait.abort();
+        }
+        // Held frames are dropped with the stream: a claim that could not be verified is never
+        // sent. A client that reconnects reads the state afresh.
+    }
+
+    async fn bytes(&mut self, data: &[u8]) -> Result<(), Closed> {
+        let was_raw = self.framer.is_raw();
+        for chunk in self.framer.push(data) {
+            match chunk {
+                Chunk::Raw(bytes) => {
+                    if !was_raw {
+                        tracing::warn!("event larger than the frame cap: stream passed through uninspected from here");
+                        self.gate.count_uninspected("oversized_event");
+                    }
+                    self.send(bytes).await?;
+                }
+                Chunk::Frame(frame) => self.frame(frame).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn frame(&mut self, frame: Bytes) -> Result<(), Closed> {
+        match self.classify(&frame) {
+            Action::Pass => self.send(frame).await,
+            Action::Busy(session) => {
+                self.send(frame).await?;
+                self.drop_idles(&session);
+                Ok(())
+            }
+            Action::Idle(session) => {
+                if self.at_capacity() {
+                    return self.send(frame).await;
+                }
+                let id = session.id.clone();
+                self.hold(frame, id.clone(), HeldKind::Idle, vec![session]);
+                Ok(())
+            }
+            Action::Claim {
+                session,
+                directory,
+                part_id,
+                claim,
+                children,
+            } => {
+                if let Some(id) = &part_id {
+                    if let Some(held) = self.held.values_mut().find(
+                        |h| matches!(&h.kind, HeldKind::Claim { part_id: Some(p), .. } if p == id),
+                    ) {
+                        // A later update of a held part replaces it, keeping its place.
+                        held.frame = frame;
+                        held.kind = HeldKind::Claim { part_id, claim };
+                        return Ok(());
+                    }
+                }
+                if self.at_capacity() {
+                    return self.send(frame).await;
+                }
+                let targets = children
+                    .into_iter()
+                    .map(|id| SessionRef {
+                        id,
+                        directory: directory.clone(),
+                    })
+                    .collect();
+                self.hold(frame, session, HeldKind::Claim { part_id, claim }, targets);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the frame just enough to decide. Anything unexpected means [`Action::Pass`].
+    fn classify(&mut self, frame: &[u8]) -> Action {
+        let Some(parsed) = sse::parse(frame) else {
+            return Action::Pass;
+        };
+        let Ok(value) = serde_json::from_str::<Value>(&parsed.data) else {
+            return Action::Pass;
+        };
+        let (event, directory) = if self.global {
+            let directory = value
+                .get("directory")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            match value.get("payload") {
+                Some(payload) => (payload, directory),
+                None => return Action::Pass,
+            }
+        } else {
+            (&value, self.directory.clone())
+        };
+        let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
+        let props = event.get("properties").unwrap_or(&Value::Null);
+        let session = session_id(props);
+        match kind {
+            "session.idle" => session.map_or(Action::Pass, |id| {
+                Action::Idle(SessionRef { id, directory })
+            }),
+            "session.status" => {
+                let Some(id) = session else {
+                    return Action::Pass;
+                };
+                match props.pointer("/status/type").and_then(Value::as_str) {
+                    Some("idle") => Action::Idle(SessionRef { id, directory }),
+                    // Unknown status types are treated as "not idle", like the runtime's own.
+                    Some(_) => Action::Busy(id),
+                    None => Action::Pass,
+                }
+            }
+            "message.part.updated" => {
+                let Some(part) = props.get("part") else {
+                    return Action::Pass;
+                };
+                learn_launches(part, &mut self.launches);
+                let claim = match part.get("type").and_then(Value::as_str) {
+                    Some("tool") => claims::tool_part(&self.gate.inner.tools, part),
+                    Some("text") => part
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .and_then(claims::message_text),
+                    _ => None,
+                };
+                let Some(claim) = claim else {
+                    return Action::Pass;
+                };
+                let children = resolve(&claim.children, &self.launches);
+                if children.is_empty() {
+                    tracing::warn!(
+                        source = claim.source.name(),
+                        "claim names no known child session; passed through unverified"
+                    );
+                    self.gate.count_uninspected("unlinked_claim");
+                    return Action::Pass;
+                }
+                let session = session
+                    .or_else(|| {
+                        part.get("sessionID")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_default();
+                Action::Claim {
+                    session,
+                    directory,
+                    part_id: part.get("id").and_then(Value::as_str).map(str::to_owned),
+                    claim,
+                    children,
+                }
+            }
+            _ => Action::Pass,
+        }
+    }
+
+    fn at_capacity(&self) -> bool {
+        let full = self.held.len() >= self.gate.inner.config.max_held_events;
+        if full {
+            tracing::warn!(
+                limit = self.gate.inner.config.max_held_events,
+                "held-event limit reached on this stream: passing the event through"
+            );
+            self.gate.count_uninspected("hold_limit");
+        }
+        full
+    }
+
+    fn hold(&mut self, frame: Bytes, session: String, kind: HeldKind, targets: Vec<SessionRef>) {
+        let (hold_kind, child) = match &kind {
+            HeldKind::Idle => (HoldKind::Idle, session.clone()),
+            HeldKind::Claim { .. } => (
+                HoldKind::Part,
+                targets.first().map(|t| t.id.clone()).unwrap_or_default(),
+            ),
+        };
+        let guard = self.gate.inner.holds.open(hold_kind, &session, &child);
+        for target in &targets {
+            self.ensure_wait(target);
+        }
+        self.seq += 1;
+        self.held.insert(
+            self.seq,
+            Held {
+                frame,
+                session,
+                kind,
+                pending: targets.into_iter().map(|t| t.id).collect(),
+                decided: Vec::new(),
+                guard,
+            },
+        );
+    }
+
+    fn ensure_wait(&mut self, target: &SessionRef) {
+        if self.waits.contains_key(&target.id) {
+            return;
+        }
+        let oracle = self.gate.inner.oracle.clone();
+        let done = self.done_tx.clone();
+        let target = target.clone();
+        let deadline = Instant::now() + self.gate.inner.config.max_hold.0;
+        let id = target.id.clone();
+        let task = tokio::spawn(async move {
+            let outcome = oracle.wait_terminal(&target, Some(deadline)).await;
+            let _ = done.send((target.id, outcome));
+        });
+        self.waits.insert(id, task);
+    }
+
+    /// A session went busy again: its held idles are dropped (a later idle takes their place).
+    fn drop_idles(&mut self, session: &str) {
+        self.held
+            .retain(|_, h| !(matches!(h.kind, HeldKind::Idle) && h.session == session));
+        self.forget_unwanted_waits();
+    }
+
+    fn forget_unwanted_waits(&mut self) {
+        let held = &self.held;
+        self.waits.retain(|target, wait| {
+            let wanted = held.values().any(|h| h.pending.iter().any(|p| p == target));
+            if !wanted {
+                wait.abort();
+            }
+            wanted
+        });
+    }
+
+    async fn resolved(
+        &mut self,
+        target: String,
+        outcome: Result<Decision, OracleError>,
+    ) -> Result<(), Closed> {
+        self.waits.remove(&target);
+        let decision = match outcome {
+            Ok(decision) => decision,
+            Err(OracleError::Deadline(decision)) => {
+                tracing::warn!(session = %target, "max_hold reached: releasing held events while the tree still runs");
+                *decision
+            }
+            Err(OracleError::Cancelled) => return Ok(()),
+        };
+        for held in self.held.values_mut() {
+            if let Some(at) = held.pending.iter().position(|p| *p == target) {
+                held.pending.remove(at);
+                held.guard.update(&decision.verdict);
+                held.decided.push((target.clone(), decision.clone()));
+            }
+        }
+        let ready: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.pending.is_empty())
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in ready {
+            if let Some(held) = self.held.remove(&seq) {
+                let frame = self.release(held);
+                self.send(frame).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The frame to send for a released hold: idles as they were; claims annotated with
+    /// `metadata.taskgate` and, when the runtime contradicts them, rewritten to the truth.
+    fn release(&self, held: Held) -> Bytes {
+        let (child, verdict) = worst(&held.decided);
+        let held_ms = held.guard.release(&verdict);
+        let HeldKind::Claim { claim, .. } = &held.kind else {
+            return held.frame;
+        };
+        let Some(parsed) = sse::parse(&held.frame) else {
+            return held.frame;
+        };
+        let Ok(mut value) = serde_json::from_str::<Value>(&parsed.data) else {
+            return held.frame;
+        };
+        let pointer = if self.global {
+            "/payload/properties/part"
+        } else {
+            "/properties/part"
+        };
+        let Some(part) = value.pointer_mut(pointer) else {
+            return held.frame;
+        };
+        let inner = &self.gate.inner;
+        if annotate_part(
+            part,
+            claim,
+            &verdict,
+            held_ms,
+            &child,
+            inner.config.rewrite_contradictions,
+        ) {
+            inner.metrics.contradictions.inc();
+        }
+        match serde_json::to_string(&value) {
+            Ok(data) => sse::replace_data(&held.frame, &data),
+            Err(_) => held.frame,
+        }
+    }
+
+    async fn send(&self, frame: Bytes) -> Result<(), Closed> {
+        self.tx.send(Ok(frame)).await.map_err(|_| Closed)
+    }
+}
+
+/// The verdict a claim is released with: the first child that did not complete, else the last.
+fn worst(decided: &[(String, Decision)]) -> (String, Verdict) {
+    decided
+        .iter()
+        .find(|(_, d)| !matches!(d.verdict, Verdict::Completed { .. }))
+        .or_else(|| decided.last())
+        .map(|(child, d)| (child.clone(), d.verdict.clone()))
+        .unwrap_or_else(|| {
+            (
+                String::new(),
+                Verdict::Unknown {
+                    reason: "no decision".to_owned(),
+                },
+            )
+        })
+}
+
+/// The session an event is about, in every envelope era: `properties.sessionID`, else
+/// `info.sessionID`/`info.id` (session events), else `part.sessionID`.
+fn session_id(props: &Value) -> Option<String> {
+    props
+        .get("sessionID")
+        .or_else(|| props.pointer("/info/sessionID"))
+        .or_else(|| props.pointer("/part/sessionID"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}

@@ -1,0 +1,386 @@
+//! The JSON surfaces: the synchronous prompt, the status map and message history.
+//!
+//! Each reads the runtime's body (bounded by `proxy.inspect_limit_bytes`), and when it cannot
+//! (too large, not JSON) passes it on unchanged: the gate may fail to improve a response, never
+//! lose one.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, Response};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::claims::{self, ChildLink};
+use super::holds::HoldKind;
+use super::Gate;
+use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
+
+/// `POST /session/:id/message`: the runtime answers when the session's agent loop ends, which
+/// for a background launch is long before the child (and the parent's follow-up turn) is done.
+/// The answer is held until the tree is terminal; if the tree had background work, the body is
+/// then the session's *latest* assistant message, so a client that prints the reply prints the
+/// last word, not the first.
+pub(super) async fn prompt(
+    gate: &Gate,
+    session: SessionRef,
+    response: Response<Body>,
+) -> Response<Body> {
+    let inner = &gate.inner;
+    let (mut parts, body) = response.into_parts();
+    let original = match read_limited(body, inner.inspect_limit).await {
+        Ok(bytes) => bytes,
+        Err(passthrough) => {
+            gate.count_uninspected("too_large");
+            return Response::from_parts(parts, passthrough);
+        }
+    };
+    let guard = inner.holds.open(HoldKind::Prompt, &session.id, &session.id);
+    let deadline = Instant::now() + inner.config.max_hold.0;
+    let outcome = tokio::select! {
+        outcome = inner.oracle.wait_terminal(&session, Some(deadline)) => outcome,
+        _ = inner.shutdown.cancelled() => Err(OracleError::Cancelled),
+    };
+    let decision = match outcome {
+        Ok(decision) => decision,
+        Err(OracleError::Deadline(decision)) => {
+            tracing::warn!(session = %session.id, "max_hold reached: releasing the prompt reply while the tree still runs");
+            *decision
+        }
+        Err(OracleError::Cancelled) => {
+            // Shutting down: the client gets the reply it would have had, marked unverified.
+            let held_ms = guard.held_ms();
+            drop(guard);
+            mark(&mut parts.headers, "running", held_ms);
+            return Response::from_parts(parts, Body::from(original));
+        }
+    };
+    guard.update(&decision.verdict);
+    let held_ms = guard.release(&decision.verdict);
+    mark(&mut parts.headers, decision.verdict.name(), held_ms);
+    if !decision.background {
+        // Nothing happened after the reply was made: it already is the last word.
+        return Response::from_parts(parts, Body::from(original));
+    }
+    match inner.oracle.last_assistant_message(&session).await {
+        Some(latest) => match serde_json::to_vec(&latest) {
+            Ok(body) => {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Response::from_parts(parts, Body::from(body))
+            }
+            Err(_) => Response::from_parts(parts, Body::from(original)),
+        },
+        None => Response::from_parts(parts, Body::from(original)),
+    }
+}
+
+/// `GET /session/status`: the runtime lists only non-idle sessions, so a parent whose child is
+/// still busy (or whose background result is not yet answered) looks finished. Such sessions
+/// are added as `{"type":"busy"}`.
+pub(super) async fn status(
+    gate: &Gate,
+    directory: Option<String>,
+    response: Response<Body>,
+) -> Response<Body> {
+    let inner = &gate.inner;
+    let (mut parts, body) = response.into_parts();
+    let original = match read_limited(body, inner.inspect_limit).await {
+        Ok(bytes) => bytes,
+        Err(passthrough) => {
+            gate.count_uninspected("too_large");
+            return Response::from_parts(parts, passthrough);
+        }
+    };
+    let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(&original) else {
+        gate.count_uninspected("not_json");
+        return Response::from_parts(parts, Body::from(original));
+    };
+    let session_ref = |id: &str| SessionRef {
+        id: id.to_owned(),
+        directory: directory.clone(),
+    };
+    let mut busy_ancestors = Vec::new();
+    for (id, status) in &map {
+        let active = status.get("type").and_then(Value::as_str) != Some("idle");
+        if active {
+            let mut current = id.clone();
+            // Walk up the parent links; depth is bounded to stay safe on a cyclic reply.
+            for _ in 0..32 {
+                match inner.oracle.parent(&session_ref(&current)).await {
+                    Some(parent) => {
+                        busy_ancestors.push(parent.clone());
+                        current = parent;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    let mut changed = false;
+    for id in busy_ancestors {
+        if !map.contains_key(&id) {
+            map.insert(id, serde_json::json!({"type": "busy"}));
+            changed = true;
+        }
+    }
+    // Sessions the gate is holding something for may be idle with nothing busy below them
+    // (a background result not yet injected): ask the oracle about each.
+    let held: Vec<String> = inner
+        .holds
+        .snapshot()
+        .into_iter()
+        .map(|h| h.session)
+        .collect();
+    for id in held {
+        if map.contains_key(&id) {
+            continue;
+        }
+        let decision = inner.oracle.decide(&session_ref(&id)).await;
+        if !decision.verdict.is_terminal() {
+            map.insert(id, serde_json::json!({"type": "busy"}));
+            changed = true;
+        }
+    }
+    if !changed {
+        return Response::from_parts(parts, Body::from(original));
+    }
+    replace_body(&mut parts, Value::Object(map))
+}
+
+/// `GET /session/:id/message[/:mid]`: history is rewritten, never held. A claim part whose child
+/// is not terminal comes back `running`, its original state kept under
+/// `state.metadata.taskgate.original`.
+pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>) -> Response<Body> {
+    let inner = &gate.inner;
+    let (mut parts, body) = response.into_parts();
+    let original = match read_limited(body, inner.inspect_limit).await {
+        Ok(bytes) => bytes,
+        Err(passthrough) => {
+            gate.count_uninspected("too_large");
+            return Response::from_parts(parts, passthrough);
+        }
+    };
+    let Ok(mut value) = serde_json::from_slice::<Value>(&original) else {
+        gate.count_uninspected("not_json");
+        return Response::from_parts(parts, Body::from(original));
+    };
+    let messages: Vec<&mut Value> = if single {
+        vec![&mut value]
+    } else {
+        match value.as_array_mut() {
+            Some(list) => list.iter_mut().collect(),
+            None => {
+                gate.count_uninspected("not_json");
+                return Response::from_parts(parts, Body::from(original));
+            }
+        }
+    };
+    // Launch results earlier in the history link `bg_…` ids to sessions.
+    let mut launches: HashMap<String, String> = HashMap::new();
+    let mut verdicts: HashMap<String, Decision> = HashMap::new();
+    let mut changed = false;
+    for message in messages {
+        let directory = message
+            .pointer("/info/path/cwd")
+            .or_else(|| message.pointer("/info/directory"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let Some(list) = message.get_mut("parts").and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for part in list {
+            learn_launches(part, &mut launches);
+            let Some(claim) = claims::tool_part(&inner.tools, part) else {
+                continue;
+            };
+            let children = resolve(&claim.children, &launches);
+            let mut running: Option<(String, Decision)> = None;
+            for child in children {
+                let decision = match verdicts.get(&child) {
+                    Some(d) => d.clone(),
+                    None => {
+                        let d = inner
+                            .oracle
+                            .decide(&SessionRef {
+                                id: child.clone(),
+                                directory: directory.clone(),
+                            })
+                            .await;
+                        verdicts.insert(child.clone(), d.clone());
+                        d
+                    }
+                };
+                if !decision.verdict.is_terminal() {
+                    running = Some((child, decision));
+                    break;
+                }
+            }
+            if let Some((child, decision)) = running {
+                relabel_running(part, &child, &decision.verdict);
+                changed = true;
+            }
+        }
+    }
+    if !changed {
+        return Response::from_parts(parts, Body::from(original));
+    }
+    replace_body(&mut parts, value)
+}
+
+/// Turns a completed/error tool part back into `running`, keeping what it said.
+fn relabel_running(part: &mut Value, child: &str, verdict: &Verdict) {
+    let Some(state) = part.get_mut("state") else {
+        return;
+    };
+    let original = state.clone();
+    let mut metadata = original
+        .get("metadata")
+        .cloned()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    metadata["taskgate"] = serde_json::json!({
+        "verdict": verdict.name(),
+        "reason": super::holds::reason(verdict),
+        "child": child,
+        "original": original,
+    });
+    let mut running = serde_json::json!({
+        "status": "running",
+        "input": original.get("input").cloned().unwrap_or_else(|| serde_json::json!({})),
+        "metadata": metadata,
+        "time": {"start": original.pointer("/time/start").cloned().unwrap_or(Value::Null)},
+    });
+    if let Some(title) = original.get("title") {
+        running["title"] = title.clone();
+    }
+    *state = running;
+}
+
+/// Records `bg_…` → `ses_…` links announced by a tool part (a launch result).
+pub(super) fn learn_launches(part: &Value, launches: &mut HashMap<String, String>) {
+    if part.get("type").and_then(Value::as_str) != Some("tool") {
+        return;
+    }
+    let output = part
+        .pointer("/state/output")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    for (bg, ses) in claims::launches(output, part.pointer("/state/metadata")) {
+        launches.insert(bg, ses);
+    }
+}
+
+/// Session ids of a claim's children; `bg_…` ids resolve through `launches`, and an id that
+/// cannot be resolved is left out (the caller decides what an unlinked claim means).
+pub(super) fn resolve(children: &[ChildLink], launches: &HashMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for child in children {
+        let id = match child {
+            ChildLink::Session(id) => Some(id.clone()),
+            ChildLink::Background(bg) => launches.get(bg).cloned(),
+        };
+        if let Some(id) = id {
+            if !out.contains(&id) {
+                out.push(id);
+            }
+        }
+    }
+    out
+}
+
+/// Sets `x-taskgate-verdict` and `x-taskgate-held-ms` on a released reply.
+fn mark(headers: &mut http::HeaderMap, verdict: &'static str, held_ms: u64) {
+    headers.insert("x-taskgate-verdict", HeaderValue::from_static(verdict));
+    headers.insert("x-taskgate-held-ms", HeaderValue::from(held_ms));
+}
+
+fn replace_body(parts: &mut http::response::Parts, value: Value) -> Response<Body> {
+    let body = serde_json::to_vec(&value).unwrap_or_default();
+    // Hyper derives the new length from the body; a stale one would cut the reply.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::ETAG);
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = parts.status;
+    *response.version_mut() = parts.version;
+    *response.headers_mut() = std::mem::take(&mut parts.headers);
+    response
+}
+
+/// Reads `body` whole if it is at most `limit` bytes. Otherwise returns a body that replays
+/// what was read followed by the rest, so a too-large response still reaches the client intact.
+pub(super) async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, Body> {
+    let mut buf = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(buf.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                    if buf.len() > limit {
+                        let prefix =
+                            futures_util::stream::once(std::future::ready(Ok::<_, axum::Error>(
+                                buf.freeze(),
+                            )));
+                        let rest = body.into_data_stream();
+                        return Err(Body::from_stream(futures_util::StreamExt::chain(
+                            prefix, rest,
+                        )));
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                let prefix = Ok::<_, axum::Error>(buf.freeze());
+                return Err(Body::from_stream(futures_util::stream::iter([
+                    prefix,
+                    Err(e),
+                ])));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn relabel_keeps_the_original_and_says_why() {
+        let mut part = json!({"type":"tool","tool":"background_output","state":{"status":"completed",
+            "input":{"task_id":"bg_1"},"output":"Task Result\n\nSession ID: ses_child\n","title":"t",
+            "metadata":{"k":1},"time":{"start":5,"end":6}}});
+        let verdict = Verdict::Running {
+            session: "ses_grandchild".into(),
+            reason: "ses_grandchild is busy".into(),
+        };
+        relabel_running(&mut part, "ses_child", &verdict);
+        let state = &part["state"];
+        assert_eq!(state["status"], "running");
+        assert_eq!(state["time"]["start"], 5);
+        assert_eq!(state["metadata"]["k"], 1);
+        assert_eq!(
+            state["metadata"]["taskgate"]["original"]["status"],
+            "completed"
+        );
+        assert_eq!(
+            state["metadata"]["taskgate"]["reason"],
+            "ses_grandchild is busy"
+        );
+        assert!(state.get("output").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_passes_through_whole() {
+        let data = vec![b'x'; 100];
+        let body = Body::from(data.clone());
+        let Err(passthrough) = read_limited(body, 10).await else {
+            panic!("expected passthrough");
+        };
+        let got = passthrough.collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], &data[..]);
+        let small = read_limited(Body::from("{}"), 10).await.unwrap();
+        assert_eq!(&small[..], b"{}");
+    }
+}
