@@ -173,6 +173,11 @@ impl Proxy {
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{path_and_query}", self.addr)
     }
+
+    /// Waits for `run` to return (after `shutdown` was cancelled).
+    pub async fn finished(&mut self) -> Result<(), ServeError> {
+        (&mut self.task).await.unwrap()
+    }
 }
 
 impl Drop for Proxy {
