@@ -351,3 +351,37 @@ async fn client_going_away_mid_upload_cancels_the_runtime_request() {
         "the runtime must not see a complete body"
     );
 }
+
+#[tokio::test]
+async fn client_going_away_while_the_runtime_thinks_cancels_the_runtime_request() {
+    let (arrived_tx, mut arrived_rx) = mpsc::unbounded_channel::<()>();
+    let (dropped_tx, dropped_rx) = oneshot::channel::<()>();
+    let dropped_tx = Arc::new(Mutex::new(Some(dropped_tx)));
+    let upstream = Upstream::start(move |_req: Request<Incoming>| {
+        let signal = DropSignal(dropped_tx.lock().unwrap().take());
+        let arrived_tx = arrived_tx.clone();
+        async move {
+            // `POST /session/:id/message` answers only when the agent loop ends: never, here.
+            arrived_tx.send(()).unwrap();
+            futures_util::future::pending::<()>().await;
+            drop(signal);
+            Response::new(Body::empty())
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&upstream.url()).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /session/ses_1/message HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+    within("the request upstream", arrived_rx.recv())
+        .await
+        .unwrap();
+    drop(stream);
+    within("the runtime to see its request dropped", dropped_rx)
+        .await
+        .unwrap();
+}

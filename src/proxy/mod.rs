@@ -199,6 +199,11 @@ pub async fn serve(
         }
     }
     drop(listener);
+    tracing::info!(
+        open = connections.len(),
+        grace = ?grace,
+        "shutting down: no longer accepting; finishing in-flight requests"
+    );
     let deadline = Instant::now() + grace;
     let drained = tokio::time::timeout_at(deadline, async {
         while connections.join_next().await.is_some() {}
@@ -215,6 +220,7 @@ pub async fn serve(
     // Tunnels end on the cancelled token by themselves; this only waits for them to unwind.
     server.tunnels.close();
     server.tunnels.wait().await;
+    tracing::info!("proxy stopped");
     Ok(())
 }
 
