@@ -305,3 +305,19 @@ async fn admin_prefix_is_never_forwarded() {
     );
     assert_eq!(upstream.connections(), 0);
 }
+
+#[tokio::test]
+async fn http10_clients_are_answered_and_their_host_is_kept() {
+    let (upstream, mut seen) = recorder().await;
+    let proxy = Proxy::start(&upstream.url()).await;
+    let raw = raw_exchange(
+        proxy.addr,
+        b"GET /session HTTP/1.0\r\nHost: legacy.test\r\n\r\n",
+    )
+    .await;
+    let (head, body) = split_response(&raw);
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    assert_eq!(body, b"ok");
+    let got = within("the upstream", seen.recv()).await.unwrap();
+    assert_eq!(got.headers["host"], "legacy.test");
+}

@@ -68,6 +68,9 @@ pub async fn forward(
             return finish(state, ProxyError::Protocol, &method, &path, started);
         }
     };
+    // HTTP/1.1 upstream whatever the client spoke, so an HTTP/1.0 client's request can still use
+    // a pooled keep-alive connection; hyper answers the client in its own version.
+    parts.version = http::Version::HTTP_11;
     let trailers = headers::accepts_trailers(&parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     if trailers {
