@@ -1,22 +1,262 @@
 //! The transparent forwarder and the `/_taskgate/` admin endpoints. (Issue 2.)
+//!
+//! One accept loop serves HTTP/1.1 (with upgrades) on every connection; each request is either
+//! an admin request (`/_taskgate` and below, never forwarded, see [`admin`]) or forwarded to the
+//! runtime by [`forward`]. The loop is hand-rolled rather than `axum::serve` because shutdown
+//! must be *bounded* (`proxy.shutdown_grace`) and must also end upgraded tunnels, which
+//! `axum::serve` 0.8 neither bounds nor tracks.
+//!
+//! Module map: [`headers`] (pure header policy), [`forward`] (the request path), [`body`]
+//! (metered pass-through bodies), [`upgrade`] (WebSocket tunnels), [`admin`], [`error`].
 
-use tokio::net::TcpListener;
+pub mod admin;
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod upgrade;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use http::uri::Authority;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::gate::Gate;
+use crate::metrics::Metrics;
+
+pub use error::ProxyError;
+
+/// The path prefix taskgate keeps for itself; requests under it never reach the runtime.
+pub const ADMIN_PREFIX: &str = "/_taskgate";
+
+/// How long a pooled upstream connection may sit idle before it is closed. Kept below common
+/// server keep-alive timeouts so the pool never hands out a connection the runtime is closing
+/// (the "connection closed before message completed" race, hyper#2136).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The pooled client used for every forwarded request and for the health probe.
+pub type UpstreamClient = Client<HttpConnector, Body>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("serving failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("proxy.upstream: {0}")]
+    Upstream(String),
+}
+
+/// Everything a request needs, built once per server. Cheap to clone.
+#[derive(Clone)]
+pub struct ProxyState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    config: Config,
+    /// `host:port` of the runtime, parsed once from `proxy.upstream`.
+    authority: Authority,
+    client: UpstreamClient,
+    metrics: Metrics,
+    /// `None` makes taskgate a plain transparent proxy (`gate.enabled = false`, and tests of the
+    /// forwarder, which must not depend on a runtime behind the oracle).
+    gate: Option<Gate>,
+}
+
+impl ProxyState {
+    /// Builds the pooled upstream client (TCP_NODELAY so small SSE frames are not delayed by
+    /// Nagle; connect timeout from `proxy.connect_timeout`; no response timeout, because
+    /// `POST /session/:id/message` legitimately lasts hours).
+    pub fn new(
+        config: Config,
+        metrics: Metrics,
+        gate: Option<Gate>,
+    ) -> Result<ProxyState, ServeError> {
+        let authority = crate::config::upstream_authority(&config.proxy.upstream)
+            .map_err(ServeError::Upstream)?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.proxy.connect_timeout.0));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Ok(ProxyState {
+            inner: Arc::new(StateInner {
+                config,
+                authority,
+                client,
+                metrics,
+                gate,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn gate(&self) -> Option<&Gate> {
+        self.inner.gate.as_ref()
+    }
+
+    pub fn client(&self) -> &UpstreamClient {
+        &self.inner.client
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.inner.authority
+    }
+}
+
+/// What every connection task shares: the state plus the server's lifetime.
+struct Server {
+    state: ProxyState,
+    shutdown: CancellationToken,
+    /// Upgraded tunnels outlive the HTTP exchange that created them, so hyper's graceful
+    /// shutdown does not see them; they are tracked here and waited for at the end.
+    tunnels: TaskTracker,
 }
 
 /// Serves the proxy on `listener` until `shutdown` is cancelled, then drains in-flight requests
 /// for at most `proxy.shutdown_grace`.
+///
+/// With `gate.enabled` the completion gate (and the oracle it asks) is started here.
 pub async fn run(
-    _listener: TcpListener,
-    _config: Config,
-    _shutdown: CancellationToken,
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    unimplemented!("issue 2")
+    let metrics = Metrics::new();
+    let gate = if config.gate.enabled {
+        let oracle = crate::oracle::Oracle::new(&config);
+        oracle.start(shutdown.clone());
+        Some(Gate::new(
+            &config,
+            oracle,
+            metrics.clone(),
+            shutdown.clone(),
+        ))
+    } else {
+        None
+    };
+    let state = ProxyState::new(config, metrics, gate)?;
+    serve(listener, state, shutdown).await
+}
+
+/// Serves `state` on `listener` until `shutdown` is cancelled.
+///
+/// Shutdown, in order: stop accepting; tell every connection to finish its current exchange and
+/// close (idle keep-alive connections close at once); end event streams and upgrade tunnels,
+/// which would never end by themselves; wait for the rest up to `proxy.shutdown_grace`; then
+/// close whatever is still open and return.
+pub async fn serve(
+    listener: TcpListener,
+    state: ProxyState,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let grace = state.config().proxy.shutdown_grace.0;
+    let server = Arc::new(Server {
+        state,
+        shutdown: shutdown.clone(),
+        tunnels: TaskTracker::new(),
+    });
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            // Reap finished connection tasks so the set does not grow without bound.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(serve_connection(server.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: the error repeats at once, so
+                    // back off briefly instead of spinning (axum::serve does the same).
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        open = connections.len(),
+        grace = ?grace,
+        "shutting down: no longer accepting; finishing in-flight requests"
+    );
+    let deadline = Instant::now() + grace;
+    let drained = tokio::time::timeout_at(deadline, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            grace = ?grace,
+            "shutdown grace period over; closing the connections still open"
+        );
+        connections.shutdown().await;
+    }
+    // Tunnels end on the cancelled token by themselves; this only waits for them to unwind.
+    server.tunnels.close();
+    server.tunnels.wait().await;
+    tracing::info!("proxy stopped");
+    Ok(())
+}
+
+/// Serves one client connection until it closes, or until shutdown lets its current exchange
+/// finish.
+async fn serve_connection(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
+    // Without it, Nagle can hold back a small SSE frame until the next one arrives.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let shutdown = server.shutdown.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let server = server.clone();
+        async move { Ok::<_, Infallible>(handle(&server, peer, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, %peer, "client connection ended with an error");
+    }
+}
+
+async fn handle(server: &Server, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    if path == ADMIN_PREFIX || path.starts_with("/_taskgate/") {
+        admin::handle(&server.state, req).await
+    } else {
+        forward::forward(&server.state, &server.shutdown, &server.tunnels, peer, req).await
+    }
 }

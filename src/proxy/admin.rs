@@ -1,0 +1,136 @@
+//! `/_taskgate/…`: taskgate's own endpoints, answered by the proxy and never forwarded.
+//!
+//! - `GET /_taskgate/health`: the proxy is up; whether the runtime answers `GET /global/health`,
+//!   and its version. 200 when it does, 503 when it does not.
+//! - `GET /_taskgate/metrics`: Prometheus text.
+//! - `GET /_taskgate/config`: the effective configuration as TOML, secrets redacted (the text
+//!   `taskgate config check` prints).
+//! - `GET /_taskgate/holds`: what the gate holds now (`{"holds":[]}` with the gate off).
+//!
+//! Anything else under the prefix is a 404 JSON error; another method on a known path, 405.
+
+use axum::body::Body;
+use base64::Engine as _;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::error::json_response;
+use super::ProxyState;
+
+/// The most of the runtime's health answer that is read (it is a few dozen bytes).
+const HEALTH_BODY_LIMIT: usize = 64 * 1024;
+
+pub async fn handle(state: &ProxyState, req: Request<Incoming>) -> Response<Body> {
+    let endpoint = req
+        .uri()
+        .path()
+        .strip_prefix(super::ADMIN_PREFIX)
+        .unwrap_or_default()
+        .trim_start_matches('/');
+    let known = matches!(endpoint, "health" | "metrics" | "config" | "holds");
+    if !known {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": {
+                "kind": "not_found",
+                "message": "no such taskgate endpoint; try /_taskgate/health, /_taskgate/metrics, /_taskgate/config or /_taskgate/holds",
+            }}),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut response = json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": {"kind": "method_not_allowed", "message": "taskgate endpoints answer GET only"}}),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match endpoint {
+        "health" => health(state).await,
+        "metrics" => text(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics().render(),
+        ),
+        "config" => text(
+            "text/plain; charset=utf-8",
+            state.config().to_redacted_toml(),
+        ),
+        _ => json_response(
+            StatusCode::OK,
+            &state
+                .gate()
+                .map_or_else(|| json!({"holds": []}), |gate| gate.holds()),
+        ),
+    }
+}
+
+fn text(content_type: &'static str, body: String) -> Response<Body> {
+    let mut response = Response::new(Body::from(body));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Asks the runtime's own health route, with taskgate's upstream credentials (a runtime with a
+/// password answers 401 to anybody else), bounded by `oracle.request_timeout`.
+async fn health(state: &ProxyState) -> Response<Body> {
+    let config = state.config();
+    let upstream = config.proxy.upstream.as_str();
+    let probe = async {
+        let uri = format!("http://{}/global/health", state.authority());
+        let mut request = Request::get(uri)
+            .body(Body::empty())
+            .map_err(|e| e.to_string())?;
+        if let Some(password) = &config.upstream_auth.password {
+            let token = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{password}", config.upstream_auth.username));
+            let value = HeaderValue::from_str(&format!("Basic {token}"))
+                .map_err(|_| "the configured upstream credentials are not valid in a header")?;
+            request.headers_mut().insert(header::AUTHORIZATION, value);
+        }
+        let response = state.client().request(request).await.map_err(|e| {
+            tracing::debug!(error = ?e, "health probe failed");
+            super::ProxyError::from_client(&e).to_string()
+        })?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), HEALTH_BODY_LIMIT)
+            .collect()
+            .await
+            .map_err(|_| "the runtime's health answer could not be read".to_owned())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!(
+                "the runtime answered {} to GET /global/health",
+                status.as_u16()
+            ));
+        }
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if parsed.get("healthy").and_then(|h| h.as_bool()) == Some(false) {
+            return Err("the runtime reports itself unhealthy".to_owned());
+        }
+        Ok(parsed
+            .get("version")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned))
+    };
+    let outcome = match tokio::time::timeout(config.oracle.request_timeout.0, probe).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err("the runtime did not answer GET /global/health in time".to_owned()),
+    };
+    match outcome {
+        Ok(version) => json_response(
+            StatusCode::OK,
+            &json!({"proxy": "up", "upstream": {"url": upstream, "reachable": true, "version": version}}),
+        ),
+        Err(message) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"proxy": "up", "upstream": {"url": upstream, "reachable": false, "error": message}}),
+        ),
+    }
+}

@@ -1,0 +1,97 @@
+//! A pass-through body that counts the bytes it relays and, for event streams, ends at shutdown.
+//!
+//! It wraps the body rather than re-streaming it (`Body::from_stream` would lose the size hint and
+//! trailers, turning every sized response into a chunked one): frames, size hint and end-of-stream
+//! are the inner body's own.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+/// Keeps a gauge up for as long as it lives (an open event stream).
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// See the module doc.
+pub struct Relay {
+    inner: Body,
+    bytes: Counter,
+    /// For long-lived streams only: when it resolves the body ends cleanly (the final chunk is
+    /// written), so a graceful shutdown is not held up by a stream that never ends by itself.
+    end_on: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Held, never read: its drop is the end of an open stream, whether it ended, failed or
+    /// the client went away.
+    _open: Option<GaugeGuard>,
+}
+
+impl Relay {
+    pub fn new(inner: Body, bytes: Counter) -> Relay {
+        Relay {
+            inner,
+            bytes,
+            end_on: None,
+            _open: None,
+        }
+    }
+
+    /// Makes this a long-lived stream: it counts as open in `gauge` and ends at `shutdown`.
+    pub fn stream(mut self, shutdown: WaitForCancellationFutureOwned, gauge: Gauge) -> Relay {
+        self.end_on = Some(Box::pin(shutdown));
+        self._open = Some(GaugeGuard::new(gauge));
+        self
+    }
+}
+
+impl http_body::Body for Relay {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if let Some(end) = self.end_on.as_mut() {
+            if end.as_mut().poll(cx).is_ready() {
+                // Dropping the upstream body now closes that upstream connection at once.
+                self.inner = Body::empty();
+                self.end_on = None;
+                self._open = None;
+                return Poll::Ready(None);
+            }
+        }
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame {
+            if let Some(data) = frame.data_ref() {
+                self.bytes.inc_by(data.len() as u64);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,201 @@
+//! The request path: client request → runtime → (gate) → client, bodies streamed both ways.
+//!
+//! What is changed on the way, and nothing else:
+//! - the request target gets the runtime's scheme and authority; path and query are the client's
+//!   bytes, never decoded or re-encoded;
+//! - hop-by-hop headers are dropped both ways ([`headers::strip_hop_by_hop`]), `X-Forwarded-*`
+//!   added when `proxy.forwarded_headers` is on;
+//! - `Host` stays as the client sent it. The pooled client only fills `Host` from the upstream
+//!   URL when the request has none, so the runtime sees the name the client used (what it would
+//!   have seen without taskgate; it only listens on loopback and does no virtual hosting);
+//! - `Accept-Encoding` is removed when the gate wants to read the response, so it reads identity.
+//!
+//! Framing (`Content-Length` or chunked) is re-derived by hyper from each body's size hint, which
+//! [`Relay`] passes through, so a sized body stays sized and a chunked one stays chunked.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::body::Body;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::body::Relay;
+use super::error::ProxyError;
+use super::{headers, upgrade, ProxyState};
+use crate::metrics::{KindLabel, StatusClass};
+
+/// Forwards one request and returns what the client gets. Dropping the future (the client went
+/// away) drops the upstream request, which closes that upstream connection: the runtime sees
+/// the cancellation.
+pub async fn forward(
+    state: &ProxyState,
+    shutdown: &CancellationToken,
+    tunnels: &TaskTracker,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let metrics = state.metrics();
+    let intercept = state
+        .gate()
+        .and_then(|g| g.intercept(req.method(), req.uri(), req.headers()));
+    let upgrade_to = headers::upgrade_request(req.headers());
+    let client_upgrade = upgrade_to.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    // Logged instead of the full target: queries may carry `auth_token`.
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_owned();
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(http::uri::Scheme::HTTP);
+    target.authority = Some(state.authority().clone());
+    target.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    parts.uri = match Uri::from_parts(target) {
+        Ok(uri) => uri,
+        // Scheme, a validated authority and a parsed path-and-query always make a URI.
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the upstream URI");
+            return finish(state, ProxyError::Protocol, &method, &path, started);
+        }
+    };
+    // HTTP/1.1 upstream whatever the client spoke, so an HTTP/1.0 client's request can still use
+    // a pooled keep-alive connection; hyper answers the client in its own version.
+    parts.version = http::Version::HTTP_11;
+    let trailers = headers::accepts_trailers(&parts.headers);
+    headers::strip_hop_by_hop(&mut parts.headers);
+    if trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(protocol) = &upgrade_to {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+    }
+    if state.config().proxy.forwarded_headers {
+        headers::add_forwarded(&mut parts.headers, peer.ip());
+    }
+    if intercept.is_some() {
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
+    let body = Body::new(Relay::new(
+        Body::new(body),
+        metrics.bytes_to_upstream.clone(),
+    ));
+    let upstream_req = Request::from_parts(parts, body);
+
+    let mut response = match state.client().request(upstream_req).await {
+        Ok(response) => response,
+        Err(e) => {
+            let error = ProxyError::from_client(&e);
+            tracing::warn!(%method, %path, kind = error.kind(), error = ?e, "upstream request failed");
+            return finish(state, error, &method, &path, started);
+        }
+    };
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            tracing::warn!(%method, %path, "runtime switched protocols without being asked");
+            return finish(state, ProxyError::Protocol, &method, &path, started);
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        let protocol = parts.headers.get(header::UPGRADE).cloned();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = protocol {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
+        upgrade::spawn_tunnel(tunnels, shutdown.clone(), client_upgrade, upstream_upgrade);
+        record(state, parts.status, &method, &path, started);
+        return Response::from_parts(parts, Body::empty());
+    }
+
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let mut response = Response::from_parts(parts, Body::new(body));
+    if let (Some(gate), Some(intercept)) = (state.gate(), intercept) {
+        response = gate.filter(intercept, response).await;
+    }
+    let (parts, body) = response.into_parts();
+    let mut relay = Relay::new(body, metrics.bytes_to_client.clone());
+    if is_event_stream(&parts.headers) {
+        relay = relay.stream(
+            shutdown.clone().cancelled_owned(),
+            metrics.sse_streams_open.clone(),
+        );
+    }
+    record(state, parts.status, &method, &path, started);
+    Response::from_parts(parts, Body::new(relay))
+}
+
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
+/// Counts and answers a failed forward.
+fn finish(
+    state: &ProxyState,
+    error: ProxyError,
+    method: &http::Method,
+    path: &str,
+    started: Instant,
+) -> Response<Body> {
+    state
+        .metrics()
+        .upstream_errors
+        .get_or_create(&KindLabel { kind: error.kind() })
+        .inc();
+    let response = error.into_response(&state.config().proxy.upstream);
+    record(state, response.status(), method, path, started);
+    response
+}
+
+fn record(
+    state: &ProxyState,
+    status: StatusCode,
+    method: &http::Method,
+    path: &str,
+    started: Instant,
+) {
+    state
+        .metrics()
+        .requests
+        .get_or_create(&StatusClass {
+            class: status_class(status),
+        })
+        .inc();
+    tracing::debug!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "forwarded");
+}
+
+/// "1xx" … "5xx", the bounded label of the request counter.
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
