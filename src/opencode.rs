@@ -440,9 +440,7 @@ impl ToolPart {
             .and_then(|m| m.get("background"))
             .and_then(Value::as_bool)
             == Some(true);
-        let running_tag = task_tags(output)
-            .into_iter()
-            .find(|t| t.state == "running");
+        let running_tag = task_tags(output).into_iter().find(|t| t.state == "running");
         if flagged || running_tag.is_some() {
             let child = self
                 .child_session_id()
@@ -682,8 +680,14 @@ impl Event {
     /// would re-read a busy tree on every token.
     pub fn affects_verdict(&self) -> bool {
         match self.kind.as_str() {
-            "session.status" | "session.idle" | "session.error" | "session.created"
-            | "session.updated" | "session.deleted" | "message.updated" | "message.removed"
+            "session.status"
+            | "session.idle"
+            | "session.error"
+            | "session.created"
+            | "session.updated"
+            | "session.deleted"
+            | "message.updated"
+            | "message.removed"
             | "message.part.removed" => true,
             "message.part.updated" => self
                 .properties
@@ -722,7 +726,10 @@ mod tests {
         .unwrap();
         assert_eq!(a.session_id(), Some("ses_a"));
         assert_eq!(a.part().unwrap().as_text().unwrap().text, "hi");
-        assert!(!a.affects_verdict(), "streaming text must not trigger reads");
+        assert!(
+            !a.affects_verdict(),
+            "streaming text must not trigger reads"
+        );
         // Era C with the /global/event wrapper.
         let c = Event::parse(
             br#"{"directory":"/p","project":"global","payload":{"id":"evt_1","type":"session.status","properties":{"sessionID":"ses_c","status":{"type":"busy"}}}}"#,
@@ -735,13 +742,19 @@ mod tests {
         // Session events without properties.sessionID: the info's id.
         let s = Event::parse(br#"{"type":"session.updated","properties":{"info":{"id":"ses_s","parentID":"ses_p","title":"t"}}}"#).unwrap();
         assert_eq!(s.session_id(), Some("ses_s"));
-        assert_eq!(s.session_info().unwrap().parent_id.as_deref(), Some("ses_p"));
+        assert_eq!(
+            s.session_info().unwrap().parent_id.as_deref(),
+            Some("ses_p")
+        );
         // A message's id is not a session id.
         let m = Event::parse(br#"{"type":"message.updated","properties":{"info":{"id":"msg_1","sessionID":"ses_m","role":"assistant","time":{"created":1}}}}"#).unwrap();
         assert_eq!(m.session_id(), Some("ses_m"));
         assert!(m.message_info().unwrap().is_assistant());
         // sync payloads, garbage and unknown types.
-        assert!(Event::parse(br#"{"directory":"/p","payload":{"type":"sync","syncEvent":{}}}"#).is_none());
+        assert!(
+            Event::parse(br#"{"directory":"/p","payload":{"type":"sync","syncEvent":{}}}"#)
+                .is_none()
+        );
         assert!(Event::parse(b"not json").is_none());
         let u = Event::parse(br#"{"type":"brand.new","properties":{"x":1}}"#).unwrap();
         assert_eq!(u.kind(), "brand.new");
@@ -770,14 +783,23 @@ mod tests {
         assert_eq!(
             tags,
             vec![
-                TaskTag { id: "ses_1".into(), state: "completed".into() },
-                TaskTag { id: "ses_2".into(), state: "error".into() }
+                TaskTag {
+                    id: "ses_1".into(),
+                    state: "completed".into()
+                },
+                TaskTag {
+                    id: "ses_2".into(),
+                    state: "error".into()
+                }
             ]
         );
         let omo = "Background task launched.\n\nBackground Task ID: bg_04817ab3\nStatus: pending\n<task_metadata>\nsession_id: ses_k\nbackground_task_id: bg_04817ab3\nsubagent: Sisyphus-Junior\n</task_metadata>";
         assert_eq!(
             omo_launch(omo),
-            Some(OmoLaunch { session_id: "ses_k".into(), background_task_id: Some("bg_04817ab3".into()) })
+            Some(OmoLaunch {
+                session_id: "ses_k".into(),
+                background_task_id: Some("bg_04817ab3".into())
+            })
         );
         let agent = "Background agent task launched successfully.\n\nTask ID: bg_1\nSession ID: ses_g\nStatus: pending";
         assert_eq!(omo_launch(agent).unwrap().session_id, "ses_g");

@@ -4,6 +4,8 @@
 //! per tree per interval however many wait), and decides with one pure function, the terminal
 //! rule, whether a tree is done. It knows nothing of HTTP clients.
 
+pub mod rule;
+
 use std::process::ExitCode;
 use std::time::Duration;
 
