@@ -237,7 +237,8 @@ impl MessageError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Part {
     Text(TextPart),
-    Tool(ToolPart),
+    /// Boxed: a tool part is several times larger than the other kinds.
+    Tool(Box<ToolPart>),
     StepStart(StepPart),
     StepFinish(StepPart),
     Other(Value),
@@ -252,7 +253,7 @@ impl Part {
         let kind = value.get("type").and_then(Value::as_str);
         let part = match kind {
             Some("text") => typed(&value).map(Part::Text),
-            Some("tool") => typed(&value).map(Part::Tool),
+            Some("tool") => typed::<ToolPart>(&value).map(|t| Part::Tool(Box::new(t))),
             Some("step-start") => typed(&value).map(Part::StepStart),
             Some("step-finish") => typed(&value).map(Part::StepFinish),
             _ => None,
@@ -289,7 +290,7 @@ impl Part {
     pub fn to_value(&self) -> Value {
         let (kind, body) = match self {
             Part::Text(p) => ("text", serde_json::to_value(p)),
-            Part::Tool(p) => ("tool", serde_json::to_value(p)),
+            Part::Tool(p) => ("tool", serde_json::to_value(p.as_ref())),
             Part::StepStart(p) => ("step-start", serde_json::to_value(p)),
             Part::StepFinish(p) => ("step-finish", serde_json::to_value(p)),
             Part::Other(v) => return v.clone(),
