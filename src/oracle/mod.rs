@@ -4,15 +4,33 @@
 //! per tree per interval however many wait), and decides with one pure function, the terminal
 //! rule, whether a tree is done. It knows nothing of HTTP clients.
 
-use std::process::ExitCode;
+pub mod client;
+pub mod rule;
+mod wait;
+pub mod watcher;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::Stream;
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::WaitArgs;
 use crate::config::Config;
+use crate::opencode::SessionStatus;
+
+use client::{ClientError, RuntimeClient};
+use rule::{SessionSnapshot, TreeSnapshot};
+use watcher::WatchState;
+
+pub use wait::wait_command;
+
+/// Most sessions one tree read follows; a runaway tree is cut rather than read forever.
+const MAX_TREE: usize = 500;
+/// Past this many cached trees, slots nobody uses any more are dropped.
+const MAX_SLOTS: usize = 1024;
 
 /// A session as the runtime addresses it: its id and, when the runtime serves several
 /// directories, the directory it lives in (`?directory=` on reads).
@@ -94,33 +112,195 @@ pub enum OracleError {
 
 /// The oracle's handle; cheap to clone, shared by the gate, the model face and `taskgate wait`.
 #[derive(Clone)]
-pub struct Oracle {}
+pub struct Oracle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: RuntimeClient,
+    poll_interval: Duration,
+    settle_window: Duration,
+    state: Arc<WatchState>,
+    /// One slot per root: its lock makes concurrent readers share one upstream read.
+    trees: std::sync::Mutex<HashMap<SessionRef, Arc<tokio::sync::Mutex<Option<Reading>>>>>,
+    shutdown: CancellationToken,
+}
+
+/// One read of a tree and what it was decided from.
+#[derive(Clone)]
+struct Reading {
+    started: Instant,
+    /// The watcher's sequence number when the read started: later events make it stale.
+    seq: u64,
+    /// Every session of the tree, to match events against.
+    ids: Vec<String>,
+    decision: Decision,
+    error: Option<ClientError>,
+}
+
+/// How fresh a shared read must be for a caller to reuse it.
+#[derive(Clone, Copy)]
+enum Fresh {
+    /// Younger than this, and no event for the tree since.
+    MaxAge(Duration),
+    /// Started at or after this instant (the settle window's closing re-read).
+    StartedAfter(Instant),
+}
+
+enum Wake {
+    Changed,
+    Elapsed,
+    Deadline,
+    Cancelled,
+}
 
 impl Oracle {
     /// An oracle that reads the runtime named in `config.proxy.upstream` with
     /// `config.upstream_auth`, settling for `config.gate.settle_window`.
-    pub fn new(_config: &Config) -> Oracle {
-        unimplemented!("issue 3")
+    pub fn new(config: &Config) -> Oracle {
+        Oracle {
+            inner: Arc::new(Inner {
+                client: RuntimeClient::new(config),
+                poll_interval: config.oracle.poll_interval.0,
+                settle_window: config.gate.settle_window.0,
+                state: Arc::new(WatchState::default()),
+                trees: std::sync::Mutex::new(HashMap::new()),
+                shutdown: CancellationToken::new(),
+            }),
+        }
     }
 
     /// Starts the watcher (one `/global/event` subscription, reconnecting) until `shutdown`.
-    pub fn start(&self, _shutdown: CancellationToken) {
-        unimplemented!("issue 3")
+    /// Waits in progress end with [`OracleError::Cancelled`] when `shutdown` fires.
+    pub fn start(&self, shutdown: CancellationToken) {
+        let inner = self.inner.clone();
+        tokio::spawn(watcher::run(
+            inner.client.clone(),
+            inner.state.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            inner.shutdown.cancel();
+        });
+    }
+
+    /// The runtime client the oracle reads with (also for `taskgate wait`'s health check).
+    pub fn client(&self) -> &RuntimeClient {
+        &self.inner.client
+    }
+
+    /// What the watcher knows (busy-ever, parents, connection), for diagnostics.
+    pub fn watch_state(&self) -> &WatchState {
+        &self.inner.state
     }
 
     /// The verdict now, from a fresh (coalesced) read. No settle window.
-    pub async fn decide(&self, _session: &SessionRef) -> Decision {
-        unimplemented!("issue 3")
+    pub async fn decide(&self, session: &SessionRef) -> Decision {
+        self.read(session, Fresh::MaxAge(self.inner.poll_interval))
+            .await
+            .decision
+    }
+
+    /// [`Oracle::decide`], plus the read error behind an `unknown` verdict.
+    pub async fn decide_checked(&self, session: &SessionRef) -> Result<Decision, ClientError> {
+        let reading = self
+            .read(session, Fresh::MaxAge(self.inner.poll_interval))
+            .await;
+        match reading.error {
+            Some(e) => Err(e),
+            None => Ok(reading.decision),
+        }
     }
 
     /// Waits until the tree is terminal: the verdict must hold for the settle window (trees with
     /// background work only) and be re-read before it is returned. Cancel-safe.
     pub async fn wait_terminal(
         &self,
-        _session: &SessionRef,
-        _deadline: Option<Instant>,
+        session: &SessionRef,
+        deadline: Option<Instant>,
     ) -> Result<Decision, OracleError> {
-        unimplemented!("issue 3")
+        let mut changes = self.inner.state.subscribe();
+        let mut last: Option<Decision> = None;
+        let past_deadline = |last: Option<Decision>, reading: Option<&Reading>| {
+            let decision = reading
+                .map(|r| r.decision.clone())
+                .or(last)
+                .unwrap_or_else(|| unknown("the deadline passed before the first read"));
+            OracleError::Deadline(Box::new(decision))
+        };
+        loop {
+            let reading = tokio::select! {
+                r = self.read(session, Fresh::MaxAge(self.inner.poll_interval)) => r,
+                _ = sleep_until_opt(deadline) => return Err(past_deadline(last, None)),
+                _ = self.inner.shutdown.cancelled() => return Err(OracleError::Cancelled),
+            };
+            if reading.decision.verdict.is_terminal() {
+                if !reading.decision.background {
+                    return Ok(reading.decision);
+                }
+                // Rule 6: hold for the settle window, then re-read.
+                let settle_end = Instant::now() + self.inner.settle_window;
+                match self
+                    .wait_change(&reading, settle_end, deadline, &mut changes)
+                    .await
+                {
+                    Wake::Changed => continue,
+                    Wake::Elapsed => {}
+                    Wake::Deadline => return Err(past_deadline(last, Some(&reading))),
+                    Wake::Cancelled => return Err(OracleError::Cancelled),
+                }
+                let again = tokio::select! {
+                    r = self.read(session, Fresh::StartedAfter(settle_end)) => r,
+                    _ = sleep_until_opt(deadline) => return Err(past_deadline(last, Some(&reading))),
+                    _ = self.inner.shutdown.cancelled() => return Err(OracleError::Cancelled),
+                };
+                if again.decision.verdict.is_terminal() {
+                    return Ok(again.decision);
+                }
+                last = Some(again.decision);
+                continue;
+            }
+            let until = Instant::now() + self.inner.poll_interval;
+            match self
+                .wait_change(&reading, until, deadline, &mut changes)
+                .await
+            {
+                Wake::Changed | Wake::Elapsed => {}
+                Wake::Deadline => return Err(past_deadline(None, Some(&reading))),
+                Wake::Cancelled => return Err(OracleError::Cancelled),
+            }
+            last = Some(reading.decision);
+        }
+    }
+
+    /// A stream of the tree's decisions: the first read, then every change of verdict. Reads
+    /// are shared with every other caller; ends when the oracle shuts down.
+    pub fn watch(&self, session: SessionRef) -> impl Stream<Item = Decision> + Send + 'static {
+        let oracle = self.clone();
+        let changes = self.inner.state.subscribe();
+        futures_util::stream::unfold(
+            (oracle, session, changes, None::<Verdict>),
+            |(oracle, session, mut changes, last)| async move {
+                loop {
+                    let reading = tokio::select! {
+                        r = oracle.read(&session, Fresh::MaxAge(oracle.inner.poll_interval)) => r,
+                        _ = oracle.inner.shutdown.cancelled() => return None,
+                    };
+                    if last.as_ref() != Some(&reading.decision.verdict) {
+                        let verdict = reading.decision.verdict.clone();
+                        return Some((reading.decision, (oracle, session, changes, Some(verdict))));
+                    }
+                    let until = Instant::now() + oracle.inner.poll_interval;
+                    if let Wake::Cancelled = oracle
+                        .wait_change(&reading, until, None, &mut changes)
+                        .await
+                    {
+                        return None;
+                    }
+                }
+            },
+        )
     }
 
     /// The parent of a session (`parentID`), `None` for a root or when it cannot be read.
@@ -136,11 +316,179 @@ impl Oracle {
 
     /// The poll interval, so callers can bound how stale a decision may be.
     pub fn poll_interval(&self) -> Duration {
-        unimplemented!("issue 3")
+        self.inner.poll_interval
+    }
+
+    /// Sleeps until `until`, unless an event for the tree of `reading` arrives first.
+    async fn wait_change(
+        &self,
+        reading: &Reading,
+        until: Instant,
+        deadline: Option<Instant>,
+        changes: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> Wake {
+        loop {
+            if self.inner.state.changed_since(&reading.ids, reading.seq) {
+                return Wake::Changed;
+            }
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        // The watcher's state lives as long as the oracle; this cannot happen,
+                        // but if it did, fall back to plain polling.
+                        tokio::time::sleep_until(until).await;
+                        return Wake::Elapsed;
+                    }
+                }
+                _ = tokio::time::sleep_until(until) => return Wake::Elapsed,
+                _ = sleep_until_opt(deadline) => return Wake::Deadline,
+                _ = self.inner.shutdown.cancelled() => return Wake::Cancelled,
+            }
+        }
+    }
+
+    fn slot(&self, session: &SessionRef) -> Arc<tokio::sync::Mutex<Option<Reading>>> {
+        let mut trees = self.inner.trees.lock().unwrap_or_else(|p| p.into_inner());
+        if trees.len() > MAX_SLOTS {
+            trees.retain(|_, slot| Arc::strong_count(slot) > 1);
+        }
+        trees.entry(session.clone()).or_default().clone()
+    }
+
+    /// Single flight: callers of one root queue on its slot; the first one reads, the others
+    /// reuse that read if it is fresh enough for them.
+    async fn read(&self, session: &SessionRef, fresh: Fresh) -> Reading {
+        let slot = self.slot(session);
+        let mut cached = slot.lock().await;
+        if let Some(r) = cached.as_ref() {
+            let young = match fresh {
+                Fresh::MaxAge(age) => r.started.elapsed() < age,
+                Fresh::StartedAfter(at) => r.started >= at,
+            };
+            if young && !self.inner.state.changed_since(&r.ids, r.seq) {
+                return r.clone();
+            }
+        }
+        let started = Instant::now();
+        let seq = self.inner.state.seq();
+        let reading = match self.read_tree(session).await {
+            Ok((ids, decision)) => Reading {
+                started,
+                seq,
+                ids,
+                decision,
+                error: None,
+            },
+            Err(e) => Reading {
+                started,
+                seq,
+                ids: vec![session.id.clone()],
+                decision: unknown(&e.to_string()),
+                error: Some(e),
+            },
+        };
+        *cached = Some(reading.clone());
+        reading
+    }
+
+    /// Reads the status map once, then every session of the tree (info, children, history).
+    async fn read_tree(&self, root: &SessionRef) -> Result<(Vec<String>, Decision), ClientError> {
+        let client = &self.inner.client;
+        let directory = root.directory.clone();
+        let statuses = client.statuses(directory.as_deref()).await?;
+        self.inner.state.record_statuses(&statuses);
+        let mut sessions: BTreeMap<String, SessionSnapshot> = BTreeMap::new();
+        let mut queue = vec![root.id.clone()];
+        while let Some(id) = queue.pop() {
+            if sessions.contains_key(&id) || sessions.len() >= MAX_TREE {
+                continue;
+            }
+            let r = SessionRef {
+                id: id.clone(),
+                directory: directory.clone(),
+            };
+            let (info, children, messages) =
+                tokio::join!(client.session(&r), client.children(&r), client.messages(&r));
+            let info = match info {
+                Ok(info) => info,
+                // A child that no longer exists (deleted) cannot hold the tree; a missing root
+                // is an error the caller must see.
+                Err(ClientError::NotFound { .. }) if id != root.id => continue,
+                Err(e) => return Err(e),
+            };
+            let children = match children {
+                Ok(c) => c,
+                Err(ClientError::NotFound { .. }) => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            let messages = messages?;
+            queue.extend(children.into_iter().map(|c| c.id));
+            queue.extend(rule::named_children(&messages));
+            let status = statuses.get(&id).cloned();
+            let seen_busy =
+                self.inner.state.busy_ever(&id) || status.as_ref().is_some_and(|s| !s.is_idle());
+            sessions.insert(
+                id,
+                SessionSnapshot {
+                    info,
+                    status,
+                    seen_busy,
+                    messages,
+                },
+            );
+        }
+        let tree = TreeSnapshot {
+            root: root.id.clone(),
+            sessions,
+        };
+        let judgement = rule::judge(&tree);
+        let ids: Vec<String> = tree.sessions.keys().cloned().collect();
+        let mut summaries: Vec<SessionSummary> = tree
+            .sessions
+            .values()
+            .map(|s| SessionSummary {
+                id: s.info.id.clone(),
+                parent: s.info.parent_id.clone(),
+                agent: s
+                    .info
+                    .agent
+                    .clone()
+                    .or_else(|| s.messages.iter().rev().find_map(|m| m.info.agent.clone())),
+                title: s.info.title.clone(),
+                status: s
+                    .status
+                    .as_ref()
+                    .map(SessionStatus::name)
+                    .unwrap_or("idle")
+                    .to_owned(),
+            })
+            .collect();
+        // The root first, for readers that print the list as a tree.
+        summaries.sort_by_key(|s| s.id != root.id);
+        Ok((
+            ids,
+            Decision {
+                verdict: judgement.verdict,
+                background: judgement.background,
+                sessions: summaries,
+            },
+        ))
     }
 }
 
-/// `taskgate wait`.
-pub async fn wait_command(_args: WaitArgs) -> ExitCode {
-    unimplemented!("issue 3")
+fn unknown(reason: &str) -> Decision {
+    Decision {
+        verdict: Verdict::Unknown {
+            reason: reason.to_owned(),
+        },
+        background: false,
+        sessions: Vec::new(),
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }

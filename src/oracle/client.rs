@@ -1,0 +1,256 @@
+//! The oracle's own reads of the runtime: statuses, sessions, children, histories, health, and
+//! the `/global/event` subscription the watcher holds.
+//!
+//! Every read has a deadline (`oracle.request_timeout`): a runtime that accepts a connection
+//! and then never answers (observed on fresh starts) must not stall every waiter behind it.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use base64::Engine;
+use http::{header, HeaderValue, Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+
+use crate::config::Config;
+use crate::opencode::{Health, Message, Session, StatusMap};
+
+use super::SessionRef;
+
+/// Histories are read newest page first, this many messages a page.
+const PAGE: usize = 200;
+/// A history longer than this many pages is cut (oldest dropped): the rule looks at the tail
+/// and the launches in it; a runtime that ignores `before` would otherwise loop forever.
+const MAX_PAGES: usize = 100;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ClientError {
+    #[error("the runtime at {url} cannot be reached: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("the runtime did not answer {url} within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("the runtime refused taskgate's credentials (401) on {url}; set upstream_auth.password or OPENCODE_SERVER_PASSWORD")]
+    Unauthorized { url: String },
+    #[error("{url}: not found (404)")]
+    NotFound { url: String },
+    #[error("{url}: bad reply: {what}")]
+    BadReply { url: String, what: String },
+}
+
+/// A cheap-to-clone client for the runtime named in `proxy.upstream`.
+#[derive(Clone)]
+pub struct RuntimeClient {
+    client: Client<HttpConnector, Body>,
+    base: String,
+    authorization: Option<HeaderValue>,
+    timeout: Duration,
+}
+
+impl RuntimeClient {
+    pub fn new(config: &Config) -> RuntimeClient {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.proxy.connect_timeout.0));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let authorization = config.upstream_auth.password.as_ref().and_then(|password| {
+            let token = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{password}", config.upstream_auth.username));
+            HeaderValue::from_str(&format!("Basic {token}")).ok()
+        });
+        RuntimeClient {
+            client,
+            base: config.proxy.upstream.trim_end_matches('/').to_owned(),
+            authorization,
+            timeout: config.oracle.request_timeout.0,
+        }
+    }
+
+    /// The runtime's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /global/health`.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get_json("/global/health", &[]).await
+    }
+
+    /// `GET /session/status`: only non-idle sessions are listed.
+    pub async fn statuses(&self, directory: Option<&str>) -> Result<StatusMap, ClientError> {
+        self.get_json("/session/status", &dir_query(directory))
+            .await
+    }
+
+    /// `GET /session/:id`.
+    pub async fn session(&self, session: &SessionRef) -> Result<Session, ClientError> {
+        let path = format!("/session/{}", session.id);
+        self.get_json(&path, &dir_query(session.directory.as_deref()))
+            .await
+    }
+
+    /// `GET /session/:id/children` (direct children only).
+    pub async fn children(&self, session: &SessionRef) -> Result<Vec<Session>, ClientError> {
+        let path = format!("/session/{}/children", session.id);
+        self.get_json(&path, &dir_query(session.directory.as_deref()))
+            .await
+    }
+
+    /// `GET /session/:id/message`, every page, oldest first.
+    pub async fn messages(&self, session: &SessionRef) -> Result<Vec<Message>, ClientError> {
+        let path = format!("/session/{}/message", session.id);
+        let mut all: Vec<Message> = Vec::new();
+        let mut before: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut query = dir_query(session.directory.as_deref());
+            query.push(("limit", PAGE.to_string()));
+            if let Some(b) = &before {
+                query.push(("before", b.clone()));
+            }
+            let page: Vec<Message> = self.get_json(&path, &query).await?;
+            let full = page.len() >= PAGE;
+            let oldest = page.first().map(|m| m.info.id.clone());
+            // A runtime that ignores `before` sends the same page again: stop, do not repeat.
+            let repeated = oldest.is_some() && oldest == all.first().map(|m| m.info.id.clone());
+            if repeated {
+                break;
+            }
+            let mut page = page;
+            page.append(&mut all);
+            all = page;
+            if !full || oldest.is_none() {
+                break;
+            }
+            before = oldest;
+        }
+        Ok(all)
+    }
+
+    /// `GET /global/event`: the response, once its headers arrived (the body streams forever).
+    pub async fn global_events(
+        &self,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        let url = format!("{}/global/event", self.base);
+        let response = self.send(&url, "text/event-stream").await?;
+        check_status(&url, response.status())?;
+        Ok(response)
+    }
+
+    async fn send(
+        &self,
+        url: &str,
+        accept: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        let mut request = Request::get(url)
+            .header(header::ACCEPT, accept)
+            // The oracle parses bodies; ask for them unencoded.
+            .header(header::ACCEPT_ENCODING, "identity");
+        if let Some(auth) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, auth.clone());
+        }
+        let request = request
+            .body(Body::empty())
+            .map_err(|e| ClientError::Unreachable {
+                url: url.to_owned(),
+                message: format!("invalid request: {e}"),
+            })?;
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Err(_) => Err(ClientError::Timeout {
+                url: url.to_owned(),
+                timeout: self.timeout,
+            }),
+            Ok(Err(e)) => Err(ClientError::Unreachable {
+                url: url.to_owned(),
+                message: error_chain(&e),
+            }),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, ClientError> {
+        let mut url = format!("{}{path}", self.base);
+        for (i, (k, v)) in query.iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(k);
+            url.push('=');
+            url.push_str(&encode(v));
+        }
+        let read = async {
+            let response = self.send(&url, "application/json").await?;
+            check_status(&url, response.status())?;
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Unreachable {
+                    url: url.clone(),
+                    message: format!("body cut: {}", error_chain(&e)),
+                })?
+                .to_bytes();
+            serde_json::from_slice(&body).map_err(|e| ClientError::BadReply {
+                url: url.clone(),
+                what: format!("not the expected JSON ({e})"),
+            })
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout {
+                url: url.clone(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+}
+
+fn check_status(url: &str, status: StatusCode) -> Result<(), ClientError> {
+    match status {
+        s if s.is_success() => Ok(()),
+        StatusCode::UNAUTHORIZED => Err(ClientError::Unauthorized {
+            url: url.to_owned(),
+        }),
+        StatusCode::NOT_FOUND => Err(ClientError::NotFound {
+            url: url.to_owned(),
+        }),
+        s => Err(ClientError::BadReply {
+            url: url.to_owned(),
+            what: format!("status {s}"),
+        }),
+    }
+}
+
+fn dir_query(directory: Option<&str>) -> Vec<(&'static str, String)> {
+    directory
+        .map(|d| vec![("directory", d.to_owned())])
+        .unwrap_or_default()
+}
+
+/// Percent-encodes a query value (directories hold `/`, spaces, non-ASCII).
+fn encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// An error with its causes, which hyper keeps in `source()` ("connection refused" is there).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

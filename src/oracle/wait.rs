@@ -1,0 +1,190 @@
+//! `taskgate wait SESSION_ID`: block until the session's tree is terminal, for humans (a live
+//! tree on a terminal) and for CI scripts (one JSON object, and an exit code that says how it
+//! ended).
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::WaitArgs;
+use crate::config::{Config, Overrides};
+
+use super::client::ClientError;
+use super::{Decision, Oracle, OracleError, SessionRef, Verdict};
+
+/// Exit codes, as documented for CI scripts.
+const EXIT_COMPLETED: u8 = 0;
+const EXIT_FAILED: u8 = 1;
+const EXIT_TIMEOUT: u8 = 2;
+const EXIT_UPSTREAM: u8 = 3;
+
+/// `taskgate wait`: 0 completed, 1 failed or aborted, 2 timeout, 3 the runtime unreachable or
+/// refusing taskgate's credentials at the start (or a config that cannot be loaded, or a
+/// session the runtime does not know).
+pub async fn wait_command(args: WaitArgs) -> ExitCode {
+    let overrides = Overrides {
+        upstream: args.upstream.clone(),
+        ..Overrides::default()
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("taskgate: config: {e}");
+            return ExitCode::from(EXIT_UPSTREAM);
+        }
+    };
+    crate::cli::init_tracing(&config);
+    let oracle = Oracle::new(&config);
+    if let Err(e) = oracle.client().health().await {
+        eprintln!("taskgate: {e}");
+        return ExitCode::from(EXIT_UPSTREAM);
+    }
+    let session = SessionRef {
+        id: args.session.clone(),
+        directory: args.directory.clone(),
+    };
+    // Anything but these two (a transient failure) is waited out like any unknown verdict.
+    if let Err(e @ (ClientError::NotFound { .. } | ClientError::Unauthorized { .. })) =
+        oracle.decide_checked(&session).await
+    {
+        eprintln!("taskgate: {e}");
+        return ExitCode::from(EXIT_UPSTREAM);
+    }
+    let shutdown = crate::cli::shutdown_on_signal();
+    oracle.start(shutdown.clone());
+    let deadline = args.timeout.map(|t| Instant::now() + t);
+    let live = !args.json && std::io::stdout().is_terminal();
+    let result = if live {
+        let drawing = CancellationToken::new();
+        let painter = tokio::spawn(draw_live(oracle.clone(), session.clone(), drawing.clone()));
+        let result = oracle.wait_terminal(&session, deadline).await;
+        drawing.cancel();
+        let _ = painter.await;
+        result
+    } else {
+        oracle.wait_terminal(&session, deadline).await
+    };
+    shutdown.cancel();
+    let (decision, code) = match result {
+        Ok(d) => {
+            let code = match d.verdict {
+                Verdict::Completed { .. } => EXIT_COMPLETED,
+                _ => EXIT_FAILED,
+            };
+            (d, code)
+        }
+        Err(OracleError::Deadline(d)) => (*d, EXIT_TIMEOUT),
+        Err(OracleError::Cancelled) => {
+            eprintln!("taskgate: interrupted");
+            return ExitCode::from(EXIT_TIMEOUT);
+        }
+    };
+    if live {
+        print_human(&decision, code == EXIT_TIMEOUT);
+    } else {
+        println!("{}", report(&decision));
+    }
+    ExitCode::from(code)
+}
+
+/// The one JSON object `--json` (or a pipe) gets.
+pub fn report(decision: &Decision) -> serde_json::Value {
+    let (reason, session) = match &decision.verdict {
+        Verdict::Running { session, reason } => (Some(reason.clone()), Some(session.clone())),
+        Verdict::Failed { session, message } | Verdict::Aborted { session, message } => {
+            (Some(message.clone()), Some(session.clone()))
+        }
+        Verdict::Unknown { reason } => (Some(reason.clone()), None),
+        Verdict::Completed { .. } => (None, None),
+    };
+    let text = match &decision.verdict {
+        Verdict::Completed { text } => text.clone(),
+        _ => None,
+    };
+    json!({
+        "verdict": decision.verdict.name(),
+        "reason": reason,
+        "session": session,
+        "text": text,
+        "background": decision.background,
+        "sessions": decision.sessions,
+    })
+}
+
+fn print_human(decision: &Decision, timed_out: bool) {
+    let mut out = std::io::stdout().lock();
+    let _ = match &decision.verdict {
+        _ if timed_out => writeln!(out, "timed out: {}", describe(&decision.verdict)),
+        Verdict::Completed { text } => writeln!(out, "completed")
+            .and_then(|_| text.as_ref().map_or(Ok(()), |t| writeln!(out, "{t}"))),
+        v => writeln!(out, "{}", describe(v)),
+    };
+}
+
+fn describe(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Running { reason, .. } => format!("running: {reason}"),
+        Verdict::Completed { .. } => "completed".to_owned(),
+        Verdict::Failed { session, message } => format!("failed: {session}: {message}"),
+        Verdict::Aborted { session, message } => format!("aborted: {session}: {message}"),
+        Verdict::Unknown { reason } => format!("unknown: {reason}"),
+    }
+}
+
+/// Redraws the tree (session, agent, status, elapsed) on every verdict change and every second.
+async fn draw_live(oracle: Oracle, session: SessionRef, stop: CancellationToken) {
+    let started = Instant::now();
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
+    let mut lines_drawn = 0usize;
+    let mut decisions = Box::pin(oracle.watch(session));
+    let mut current: Option<Decision> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            d = decisions.next() => match d {
+                Some(d) => current = Some(d),
+                None => return,
+            },
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => {
+                clear(lines_drawn);
+                return;
+            }
+        }
+        let Some(d) = &current else { continue };
+        let mut text = format!(
+            "{}  ({}s)\n",
+            describe(&d.verdict),
+            started.elapsed().as_secs()
+        );
+        for s in &d.sessions {
+            let seen = *first_seen.entry(s.id.clone()).or_insert_with(Instant::now);
+            let indent = if s.parent.is_some() { "  └ " } else { "" };
+            text.push_str(&format!(
+                "{indent}{}  {}  {}  {}s  {}\n",
+                s.id,
+                s.agent.as_deref().unwrap_or("-"),
+                s.status,
+                seen.elapsed().as_secs(),
+                s.title.as_deref().unwrap_or("")
+            ));
+        }
+        clear(lines_drawn);
+        lines_drawn = text.lines().count();
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+    }
+}
+
+/// Moves the cursor up over the last drawing and clears to the end of the screen.
+fn clear(lines: usize) {
+    if lines > 0 {
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "\x1b[{lines}A\x1b[J");
+    }
+}

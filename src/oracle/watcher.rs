@@ -1,0 +1,218 @@
+//! The watcher: one subscription to the runtime's `/global/event`, kept open with reconnects.
+//!
+//! It does not decide anything. It remembers what reads cannot show (that a session was ever
+//! busy: an idle session absent from the status map looks exactly like one that never
+//! started), links children to parents as they are created, and tells waiters *when* to
+//! re-read: an event that can change a verdict bumps the session's sequence number and wakes
+//! them, so a claim is released within one read of the runtime's own idle, not a poll later.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::opencode::sse::SseDecoder;
+use crate::opencode::{Event, SessionStatus, StatusMap};
+
+use super::client::RuntimeClient;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the watcher knows of one session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionState {
+    /// The last status an event or a read showed.
+    pub status: Option<SessionStatus>,
+    /// Seen busy (or retrying) at least once.
+    pub busy_ever: bool,
+    pub parent: Option<String>,
+    pub last_event: Option<Instant>,
+    /// The global sequence number of the last verdict-relevant change.
+    seq: u64,
+}
+
+/// Shared between the watcher task and every reader.
+pub struct WatchState {
+    sessions: Mutex<HashMap<String, SessionState>>,
+    seq: AtomicU64,
+    /// Sequence number of the last reconnect: everything read before it may have missed events.
+    reset_at: AtomicU64,
+    connected: AtomicBool,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for WatchState {
+    fn default() -> Self {
+        WatchState {
+            sessions: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            reset_at: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl WatchState {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionState>> {
+        // A panic while holding the lock leaves plain data behind; keep using it.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current sequence number; a read records it when it starts.
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    /// Wakes on every verdict-relevant change (check [`WatchState::changed_since`] after).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Whether the event stream is open now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// A verdict-relevant event for one of `ids` (or a reconnect) happened after `seq`.
+    pub fn changed_since(&self, ids: &[String], seq: u64) -> bool {
+        if self.reset_at.load(Ordering::SeqCst) > seq {
+            return true;
+        }
+        let sessions = self.sessions();
+        ids.iter()
+            .any(|id| sessions.get(id).is_some_and(|s| s.seq > seq))
+    }
+
+    pub fn session(&self, id: &str) -> Option<SessionState> {
+        self.sessions().get(id).cloned()
+    }
+
+    fn bump(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Everything cached may be stale (a reconnect: events were missed).
+    fn reset(&self) {
+        let seq = self.bump();
+        self.reset_at.store(seq, Ordering::SeqCst);
+        self.changed.send_replace(seq);
+    }
+
+    /// Takes in one runtime event.
+    pub fn record(&self, event: &Event) {
+        let Some(id) = event.session_id() else { return };
+        let relevant = event.affects_verdict();
+        let seq = if relevant { self.bump() } else { 0 };
+        {
+            let mut sessions = self.sessions();
+            let s = sessions.entry(id.to_owned()).or_default();
+            s.last_event = Some(Instant::now());
+            if let Some(status) = event.status() {
+                s.busy_ever |= !status.is_idle();
+                s.status = Some(status);
+            } else if event.is_idle() {
+                s.status = Some(SessionStatus::Idle);
+            }
+            if let Some(parent) = event.session_info().and_then(|i| i.parent_id) {
+                s.parent = Some(parent);
+            }
+            if relevant {
+                s.seq = seq;
+                // A new or changed child changes its parent's tree too.
+                if let Some(parent) = s.parent.clone() {
+                    sessions.entry(parent).or_default().seq = seq;
+                }
+            }
+        }
+        if relevant {
+            self.changed.send_replace(seq);
+        }
+    }
+
+    /// Takes in a status map read: every listed session is busy-ish now.
+    pub fn record_statuses(&self, map: &StatusMap) {
+        let mut sessions = self.sessions();
+        for (id, status) in map {
+            let s = sessions.entry(id.clone()).or_default();
+            s.busy_ever |= !status.is_idle();
+            s.status = Some(status.clone());
+        }
+    }
+
+    /// Whether `id` was ever seen busy.
+    pub fn busy_ever(&self, id: &str) -> bool {
+        self.sessions().get(id).is_some_and(|s| s.busy_ever)
+    }
+}
+
+/// Holds the `/global/event` subscription until `shutdown`: reconnects with exponential
+/// backoff, and after each (re)connect re-reads the status map and marks every cached read
+/// stale, since events sent while disconnected are lost for good.
+pub async fn run(
+    client: RuntimeClient,
+    state: std::sync::Arc<WatchState>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let connect = tokio::select! {
+            r = client.global_events() => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match connect {
+            Ok(response) => {
+                backoff = BACKOFF_MIN;
+                state.connected.store(true, Ordering::SeqCst);
+                tracing::debug!(upstream = client.base(), "oracle: event stream open");
+                match client.statuses(None).await {
+                    Ok(map) => state.record_statuses(&map),
+                    Err(e) => tracing::warn!("oracle: status re-read after connect failed: {e}"),
+                }
+                state.reset();
+                let mut body = response.into_body();
+                let mut decoder = SseDecoder::new();
+                loop {
+                    let frame = tokio::select! {
+                        f = body.frame() => f,
+                        _ = shutdown.cancelled() => return,
+                    };
+                    match frame {
+                        Some(Ok(frame)) => {
+                            let Some(data) = frame.data_ref() else {
+                                continue;
+                            };
+                            for sse in decoder.push(data) {
+                                if let Some(event) = Event::parse(sse.data.as_bytes()) {
+                                    state.record(&event);
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!("oracle: event stream broke: {e}");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("oracle: event stream ended");
+                            break;
+                        }
+                    }
+                }
+                state.connected.store(false, Ordering::SeqCst);
+                state.reset();
+            }
+            Err(e) => tracing::warn!("oracle: cannot open the event stream: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}

@@ -1,0 +1,191 @@
+//! The oracle against a scripted runtime over loopback: events drive re-reads, the event stream
+//! reconnects, an outage is never "completed", and a thousand waiters share one read.
+
+#[path = "support/oracle.rs"]
+mod oracle_double;
+
+use std::time::Duration;
+
+use oracle_double::{eventually, Data, Upstream, CHILD, FINAL_TEXT, PARENT};
+use serde_json::json;
+use taskgate::config::Config;
+use taskgate::oracle::{Oracle, OracleError, SessionRef, Verdict};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+fn config(upstream: &str, poll: &str, settle: &str) -> Config {
+    Config::from_toml_str(
+        "test",
+        &format!(
+            "[proxy]\nupstream = \"{upstream}\"\n[oracle]\npoll_interval = \"{poll}\"\nrequest_timeout = \"5s\"\n[gate]\nsettle_window = \"{settle}\"\n"
+        ),
+    )
+    .unwrap()
+}
+
+fn root() -> SessionRef {
+    SessionRef {
+        id: PARENT.to_owned(),
+        directory: None,
+    }
+}
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_child_keeps_the_tree_running_until_the_parent_answered() {
+    let up = Upstream::start(Data::child_busy(), None).await;
+    let oracle = Oracle::new(&config(&up.url, "50ms", "50ms"));
+    let d = oracle.decide(&root()).await;
+    assert_eq!(
+        d.verdict,
+        Verdict::Running {
+            session: CHILD.into(),
+            reason: format!("{CHILD} is busy (rule 1)")
+        }
+    );
+    assert!(d.background);
+    assert_eq!(d.sessions[0].id, PARENT, "root first");
+    assert_eq!(d.sessions[1].status, "busy");
+    up.double.set(Data::all_done());
+    let d = oracle
+        .wait_terminal(&root(), Some(Instant::now() + PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(
+        d.verdict,
+        Verdict::Completed {
+            text: Some(FINAL_TEXT.into())
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_the_event_stream_drops_and_events_still_wake_waiters() {
+    let up = Upstream::start(Data::child_busy(), None).await;
+    // A poll interval far longer than the test: only events can wake the waiter.
+    let oracle = Oracle::new(&config(&up.url, "1h", "50ms"));
+    let shutdown = CancellationToken::new();
+    oracle.start(shutdown.clone());
+    eventually("the first connect", PATIENCE, || up.double.connects() == 1).await;
+    eventually("the status re-read after connecting", PATIENCE, || {
+        up.double.reads() >= 1
+    })
+    .await;
+    let before = up.double.reads();
+    up.double.drop_streams();
+    eventually("a reconnect", PATIENCE, || up.double.connects() == 2).await;
+    eventually("the status re-read after reconnecting", PATIENCE, || {
+        up.double.reads() > before
+    })
+    .await;
+
+    let reads = up.double.reads();
+    let waiter = {
+        let oracle = oracle.clone();
+        tokio::spawn(async move { oracle.wait_terminal(&root(), None).await })
+    };
+    eventually("the waiter's first read", PATIENCE, || {
+        up.double.reads() > reads
+    })
+    .await;
+    up.double.set(Data::all_done());
+    up.double
+        .emit(json!({"id": "evt_1", "type": "session.status",
+        "properties": {"sessionID": CHILD, "status": {"type": "idle"}}}));
+    let d = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("an event woke the waiter")
+        .unwrap();
+    assert_eq!(
+        d.unwrap().verdict,
+        Verdict::Completed {
+            text: Some(FINAL_TEXT.into())
+        }
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_map_outage_is_unknown_and_never_completed() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    up.double
+        .status_outage
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let oracle = Oracle::new(&config(&up.url, "20ms", "20ms"));
+    let d = oracle.decide(&root()).await;
+    assert_eq!(d.verdict.name(), "unknown", "{:?}", d.verdict);
+    match oracle
+        .wait_terminal(&root(), Some(Instant::now() + Duration::from_millis(300)))
+        .await
+    {
+        Err(OracleError::Deadline(d)) => assert_eq!(d.verdict.name(), "unknown"),
+        other => panic!("an outage must not end the wait: {other:?}"),
+    }
+    up.double
+        .status_outage
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let d = oracle
+        .wait_terminal(&root(), Some(Instant::now() + PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(d.verdict.name(), "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_runtime_is_unknown() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let oracle = Oracle::new(&config(&url, "20ms", "20ms"));
+    let d = oracle.decide(&root()).await;
+    match d.verdict {
+        Verdict::Unknown { reason } => assert!(reason.contains("cannot be reached"), "{reason}"),
+        v => panic!("{v:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_waiters_share_one_read_per_interval() {
+    let up = Upstream::start(Data::child_busy(), None).await;
+    let poll = Duration::from_millis(100);
+    let oracle = Oracle::new(&config(&up.url, "100ms", "20ms"));
+    let started = Instant::now();
+    let waiters: Vec<_> = (0..1000)
+        .map(|_| {
+            let oracle = oracle.clone();
+            tokio::spawn(async move {
+                oracle
+                    .wait_terminal(&root(), Some(Instant::now() + Duration::from_secs(60)))
+                    .await
+            })
+        })
+        .collect();
+    eventually(
+        "several poll intervals of reads",
+        Duration::from_secs(30),
+        || up.double.reads() >= 8,
+    )
+    .await;
+    up.double.set(Data::all_done());
+    for w in waiters {
+        let d = w.await.unwrap().unwrap();
+        assert_eq!(d.verdict.name(), "completed");
+    }
+    let intervals = (started.elapsed().as_millis() / poll.as_millis()) as usize;
+    let reads = up.double.reads();
+    // One read per interval, plus the settle window's closing re-read; a generous margin for
+    // timer jitter. Uncoalesced, it would be a thousand per interval.
+    assert!(
+        reads <= 2 * intervals + 10,
+        "{reads} status reads in {intervals} intervals"
+    );
+    let message_reads = up
+        .double
+        .message_reads
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        message_reads <= 2 * (2 * intervals + 10),
+        "{message_reads} history reads"
+    );
+}
