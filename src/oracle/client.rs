@@ -128,6 +128,19 @@ impl RuntimeClient {
         Ok(all)
     }
 
+    /// The newest `limit` messages of a session as the runtime wrote them (raw JSON, so a
+    /// message relayed to a client keeps every field), oldest first.
+    pub async fn recent_messages(
+        &self,
+        session: &SessionRef,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Value>, ClientError> {
+        let path = format!("/session/{}/message", session.id);
+        let mut query = dir_query(session.directory.as_deref());
+        query.push(("limit", limit.to_string()));
+        self.get_json(&path, &query).await
+    }
+
     /// `GET /global/event`: the response, once its headers arrived (the body streams forever).
     pub async fn global_events(
         &self,

@@ -305,13 +305,20 @@ impl Oracle {
 
     /// The parent of a session (`parentID`), `None` for a root or when it cannot be read.
     /// Parent links never change, so this may be served from what the watcher learned.
-    pub async fn parent(&self, _session: &SessionRef) -> Option<String> {
-        unimplemented!("issue 3")
+    pub async fn parent(&self, session: &SessionRef) -> Option<String> {
+        if let Some(parent) = self.inner.state.session(&session.id).and_then(|s| s.parent) {
+            return Some(parent);
+        }
+        self.inner.client.session(session).await.ok()?.parent_id
     }
 
     /// The session's latest assistant message as the runtime returns it (`{info, parts}`).
-    pub async fn last_assistant_message(&self, _session: &SessionRef) -> Option<serde_json::Value> {
-        unimplemented!("issue 3")
+    pub async fn last_assistant_message(&self, session: &SessionRef) -> Option<serde_json::Value> {
+        // One turn ends with one assistant message; a short page always reaches it.
+        let recent = self.inner.client.recent_messages(session, 20).await.ok()?;
+        recent.into_iter().rev().find(|m| {
+            m.pointer("/info/role").and_then(serde_json::Value::as_str) == Some("assistant")
+        })
     }
 
     /// The poll interval, so callers can bound how stale a decision may be.
