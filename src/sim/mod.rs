@@ -129,17 +129,17 @@ async fn config() -> Response {
 }
 
 /// A request body as JSON; an empty body is `{}`.
-fn body_json(body: &Bytes) -> Result<Value, Response> {
+fn body_json(body: &Bytes) -> Result<Value, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
 async fn create_session(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     let body = match body_json(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return bad_request(e),
     };
     let parent = body["parentID"].as_str();
     if let Some(parent) = parent {
@@ -257,7 +257,7 @@ fn prompt_text(body: &Value) -> String {
 async fn prompt_sync(State(sim): State<Arc<Sim>>, Path(id): Path<String>, body: Bytes) -> Response {
     let body = match body_json(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return bad_request(e),
     };
     let (tx, rx) = oneshot::channel();
     if engine::prompt(&sim, &id, &prompt_text(&body), Some(tx)).is_err() {
@@ -279,7 +279,7 @@ async fn prompt_async(
 ) -> Response {
     let body = match body_json(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return bad_request(e),
     };
     match engine::prompt(&sim, &id, &prompt_text(&body), None) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
