@@ -229,6 +229,8 @@ impl Oracle {
                 .unwrap_or_else(|| unknown("the deadline passed before the first read"));
             OracleError::Deadline(Box::new(decision))
         };
+        // When the tree was first seen terminal in the current unbroken run of terminal reads.
+        let mut settling: Option<Instant> = None;
         loop {
             let reading = tokio::select! {
                 r = self.read(session, Fresh::MaxAge(self.inner.poll_interval)) => r,
@@ -239,8 +241,10 @@ impl Oracle {
                 if !reading.decision.background {
                     return Ok(reading.decision);
                 }
-                // Rule 6: hold for the settle window, then re-read.
-                let settle_end = Instant::now() + self.inner.settle_window;
+                // Rule 6: hold for the settle window, then re-read. An event meanwhile causes a
+                // re-read; the window only starts over if that read is not terminal (runtime
+                // chatter such as `session.updated` after an idle must not postpone it).
+                let settle_end = *settling.get_or_insert(Instant::now() + self.inner.settle_window);
                 match self
                     .wait_change(&reading, settle_end, deadline, &mut changes)
                     .await
@@ -258,9 +262,11 @@ impl Oracle {
                 if again.decision.verdict.is_terminal() {
                     return Ok(again.decision);
                 }
+                settling = None;
                 last = Some(again.decision);
                 continue;
             }
+            settling = None;
             let until = Instant::now() + self.inner.poll_interval;
             match self
                 .wait_change(&reading, until, deadline, &mut changes)
