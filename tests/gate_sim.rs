@@ -98,12 +98,12 @@ async fn tree_still_working(sim: &str, root: &str) -> Option<String> {
 
 /// Records, from the runtime's own event stream, when each session last went idle.
 struct IdleWatch {
-    idles: Arc<Mutex<Vec<(Instant, String)>>>,
+    idles: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl IdleWatch {
     async fn start(sim: &str) -> IdleWatch {
-        let idles: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+        let idles: Arc<Mutex<Vec<Instant>>> = Arc::default();
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http::<http_body_util::Empty<bytes::Bytes>>();
@@ -129,11 +129,7 @@ impl IdleWatch {
                         continue;
                     };
                     if v["type"] == "session.idle" {
-                        let id = v["properties"]["sessionID"]
-                            .as_str()
-                            .unwrap_or("")
-                            .to_owned();
-                        sink.lock().unwrap().push((Instant::now(), id));
+                        sink.lock().unwrap().push(Instant::now());
                     }
                 }
             }
@@ -144,13 +140,8 @@ impl IdleWatch {
     /// When the last session went idle at the runtime, at or before `before`: the moment the
     /// tree became terminal (each test runs one tree).
     fn last_idle(&self, before: Instant) -> Option<Instant> {
-        self.idles
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(at, _)| *at <= before)
-            .map(|(at, _)| *at)
-            .last()
+        let idles = self.idles.lock().unwrap();
+        idles.iter().rev().find(|at| **at <= before).copied()
     }
 }
 
