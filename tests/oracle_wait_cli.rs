@@ -141,3 +141,11 @@ async fn up_and_expect(data: Data, code: i32, verdict: &str) {
     assert_eq!(v["verdict"], verdict);
     assert_eq!(v["session"], CHILD);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_runtime_does_not_know_exits_3() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let out = wait(&["ses_nope", "--upstream", &up.url, "--json"], None).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
