@@ -437,6 +437,10 @@ impl Oracle {
             let messages = messages?;
             queue.extend(children.into_iter().map(|c| c.id));
             queue.extend(rule::named_children(&messages));
+            // Children the watcher saw created, in case `/children` does not list them.
+            if let Some(known) = self.inner.state.session(&id) {
+                queue.extend(known.children);
+            }
             let status = statuses.get(&id).cloned();
             let seen_busy =
                 self.inner.state.busy_ever(&id) || status.as_ref().is_some_and(|s| !s.is_idle());
