@@ -792,15 +792,35 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
         }
     };
 
+    let background = launch.style != LaunchStyle::Foreground;
+    let starter = if background {
+        tokio::spawn(starter);
+        None
+    } else {
+        Some(starter)
+    };
+    if background {
+        if launch.child.start_delay_ms == 0 {
+            // The runtime starts the child's loop before it answers the launch: make that
+            // order certain, so "claimed while the child runs" never depends on scheduling.
+            let child_id = child_id.clone();
+            sim.wait_until(|st| {
+                st.statuses.contains_key(&child_id)
+                    || st.session(&child_id).is_none_or(|r| r.loops_done > 0)
+            })
+            .await;
+        }
+    }
     let output = match launch.style {
         LaunchStyle::Foreground => {
-            starter.await;
+            if let Some(starter) = starter {
+                starter.await;
+            }
             let outcome = rx.await.unwrap_or_default();
             metadata["truncated"] = json!(false);
             result_text(&child_id, launch.description, &outcome, false)
         }
         LaunchStyle::Background => {
-            tokio::spawn(starter);
             tokio::spawn(inject_when_done(
                 sim.clone(),
                 sid.to_owned(),
@@ -816,7 +836,6 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
             )
         }
         LaunchStyle::OmoBackground => {
-            tokio::spawn(starter);
             // oh-my-opencode reads the outcome through its own poller; nothing is injected.
             drop(rx);
             let bg = bg_id.unwrap_or_default();
