@@ -799,17 +799,15 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
     } else {
         Some(starter)
     };
-    if background {
-        if launch.child.start_delay_ms == 0 {
-            // The runtime starts the child's loop before it answers the launch: make that
-            // order certain, so "claimed while the child runs" never depends on scheduling.
-            let child_id = child_id.clone();
-            sim.wait_until(|st| {
-                st.statuses.contains_key(&child_id)
-                    || st.session(&child_id).is_none_or(|r| r.loops_done > 0)
-            })
-            .await;
-        }
+    if background && launch.child.start_delay_ms == 0 {
+        // The runtime starts the child's loop before it answers the launch: make that
+        // order certain, so "claimed while the child runs" never depends on scheduling.
+        let child_id = child_id.clone();
+        sim.wait_until(|st| {
+            st.statuses.contains_key(&child_id)
+                || st.session(&child_id).is_none_or(|r| r.loops_done > 0)
+        })
+        .await;
     }
     let output = match launch.style {
         LaunchStyle::Foreground => {
