@@ -317,7 +317,7 @@ fn frames(sim: &Sim, flavor: Flavor, event: &Event) -> String {
             if let Some((kind, seq, aggregate)) = &event.sync {
                 out.push_str(&sse_line(
                     &json!({"directory": sim.directory, "project": PROJECT_ID,
-                    "payload": {"type": "sync", "syncEvent": {"id": event.id, "type": kind,
+                    "payload": {"id": event.id, "type": "sync", "syncEvent": {"id": event.id, "type": kind,
                         "seq": seq, "aggregateID": aggregate, "data": event.properties}}}),
                 ));
             }
