@@ -53,6 +53,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let sim = Sim::new(options, shutdown.child_token());
+    let names: Vec<&str> = scenario::all().iter().map(|s| s.name).collect();
+    tracing::info!(
+        time_scale = options.time_scale,
+        "sim ready; a prompt picks a scenario with {}<name>, one of: {}",
+        scenario::MARKER,
+        names.join(", ")
+    );
     let app = router(sim.clone());
     let stop = shutdown.clone();
     let served = axum::serve(listener, app)
