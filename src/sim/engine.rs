@@ -119,7 +119,8 @@ impl Sim {
         } else {
             1.0
         };
-        Duration::from_secs_f64(ms as f64 * scale / 1000.0)
+        // An absurd scale from the command line means "forever", not a panic.
+        Duration::try_from_secs_f64(ms as f64 * scale / 1000.0).unwrap_or(Duration::MAX)
     }
 
     /// Sleeps a scenario delay, scaled.
@@ -645,7 +646,8 @@ async fn run_turn(sim: &Arc<Sim>, sid: &str, trigger: &Trigger) -> LoopOutcome {
                 message,
                 ms,
             } => {
-                let next = now_ms() + sim.scaled(*ms).as_millis() as u64;
+                let wait = u64::try_from(sim.scaled(*ms).as_millis()).unwrap_or(u64::MAX);
+                let next = now_ms().saturating_add(wait);
                 set_status(
                     sim,
                     &mut sim.lock(),
