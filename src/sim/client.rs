@@ -93,6 +93,8 @@ pub enum ClientError {
         route: String,
         source: serde_json::Error,
     },
+    #[error("POST /session answered without an id: {0}")]
+    NoSessionId(String),
     #[error("the event stream ended before the session went idle")]
     StreamEnded,
 }
@@ -121,11 +123,7 @@ pub async fn run_like_opencode_run(base_url: &str, prompt: &str) -> Result<RunRe
     .await?;
     let session_id = session["id"]
         .as_str()
-        .ok_or_else(|| ClientError::Status {
-            route: "POST /session".to_owned(),
-            status: StatusCode::OK,
-            body: session.to_string(),
-        })?
+        .ok_or_else(|| ClientError::NoSessionId(session.to_string()))?
         .to_owned();
     send_json(&client, Method::GET, &format!("{base}/config"), None).await?;
 
