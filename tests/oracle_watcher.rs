@@ -266,3 +266,27 @@ async fn a_plain_prompt_gets_no_settle_window() {
         }
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verdict_stream_yields_each_change_once() {
+    use futures_util::StreamExt;
+    let up = Upstream::start(Data::child_busy(), None).await;
+    let oracle = Oracle::new(&config(&up.url, "20ms", "20ms"));
+    let mut stream = Box::pin(oracle.watch(root()));
+    let first = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.verdict.name(), "running");
+    up.double.set(Data::all_done());
+    let second = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second.verdict,
+        Verdict::Completed {
+            text: Some(FINAL_TEXT.into())
+        }
+    );
+}

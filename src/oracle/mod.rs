@@ -1,8 +1,10 @@
-//! The oracle: the truth about session trees. (Interface; filled in by issue 3.)
+//! The oracle: the truth about session trees.
 //!
-//! It watches the runtime's events, reads the runtime when needed (coalesced: one upstream read
-//! per tree per interval however many wait), and decides with one pure function, the terminal
-//! rule, whether a tree is done. It knows nothing of HTTP clients.
+//! It watches the runtime's events ([`watcher`]), reads the runtime when needed ([`client`];
+//! coalesced: one upstream read per tree per interval however many wait), and decides with one
+//! pure function, the terminal rule ([`rule::judge`]), whether a tree is done. Callers (the
+//! gate, the model face, `taskgate wait`) see only [`Oracle`] and [`Decision`]; they never
+//! talk to the runtime's read routes themselves. docs/terminal-rule.md explains every clause.
 
 pub mod client;
 pub mod rule;
@@ -94,8 +96,9 @@ pub struct SessionSummary {
 pub struct Decision {
     #[serde(flatten)]
     pub verdict: Verdict,
-    /// The tree had background work (a background launch or a child that outlived its parent's
-    /// turn). Only such trees wait out the settle window.
+    /// The tree had background work (some session launched a background child: OpenCode's
+    /// `background: true` task or an oh-my-opencode launch).
+    /// Only such trees wait out the settle window.
     pub background: bool,
     pub sessions: Vec<SessionSummary>,
 }
@@ -124,6 +127,7 @@ struct Inner {
     /// One slot per root: its lock makes concurrent readers share one upstream read.
     trees: std::sync::Mutex<HashMap<SessionRef, Arc<tokio::sync::Mutex<Option<Reading>>>>>,
     shutdown: CancellationToken,
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// One read of a tree and what it was decided from.
@@ -166,13 +170,22 @@ impl Oracle {
                 state: Arc::new(WatchState::default()),
                 trees: std::sync::Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
+                started: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
 
     /// Starts the watcher (one `/global/event` subscription, reconnecting) until `shutdown`.
-    /// Waits in progress end with [`OracleError::Cancelled`] when `shutdown` fires.
+    /// Waits in progress end with [`OracleError::Cancelled`] when `shutdown` fires. A second
+    /// call does nothing: two subscriptions would only double the runtime's work.
     pub fn start(&self, shutdown: CancellationToken) {
+        if self
+            .inner
+            .started
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         let inner = self.inner.clone();
         tokio::spawn(watcher::run(
             inner.client.clone(),
