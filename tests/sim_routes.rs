@@ -254,3 +254,21 @@ async fn the_routes_say_what_the_event_stream_said() {
         "{status} vs {replayed:?}"
     );
 }
+
+#[tokio::test]
+async fn the_event_stream_helper_sees_what_happens_after_it_connected() {
+    let server = start(0.05).await;
+    let mut events = taskgate::sim::client::EventStream::open(&server.url)
+        .await
+        .unwrap();
+    let (_, s) = call(
+        Method::POST,
+        &format!("{}/session", server.url),
+        Some(json!({})),
+    )
+    .await;
+    let created = events.next().await.unwrap().unwrap();
+    assert_eq!(created["type"], "session.created");
+    assert_eq!(created["properties"]["info"], s);
+    assert!(created["id"].as_str().unwrap().starts_with("evt_"));
+}
