@@ -161,3 +161,114 @@ async fn the_sync_prompt_returns_the_loops_last_assistant_message() {
     assert_eq!(children[0]["parentID"], sid);
     assert_eq!(get(&format!("{url}/session/status")).await, json!({}));
 }
+
+/// Rebuilds each session's messages from the event stream: latest `message.updated` info and
+/// latest `message.part.updated` part, by id.
+fn replay_messages(events: &[Value], sid: &str) -> Value {
+    let mut infos: Vec<(String, Value)> = Vec::new();
+    let mut parts: Vec<(String, String, Value)> = Vec::new();
+    for e in events {
+        let p = &e["properties"];
+        if p["sessionID"] != sid {
+            continue;
+        }
+        if e["type"] == "message.updated" {
+            let id = p["info"]["id"].as_str().unwrap().to_owned();
+            match infos.iter_mut().find(|(i, _)| *i == id) {
+                Some(slot) => slot.1 = p["info"].clone(),
+                None => infos.push((id, p["info"].clone())),
+            }
+        } else if e["type"] == "message.part.updated" {
+            let id = p["part"]["id"].as_str().unwrap().to_owned();
+            let mid = p["part"]["messageID"].as_str().unwrap().to_owned();
+            match parts.iter_mut().find(|(i, _, _)| *i == id) {
+                Some(slot) => slot.2 = p["part"].clone(),
+                None => parts.push((id, mid, p["part"].clone())),
+            }
+        }
+    }
+    infos.sort_by(|a, b| a.0.cmp(&b.0));
+    Value::Array(
+        infos
+            .into_iter()
+            .map(|(id, info)| {
+                let mut ps: Vec<&(String, String, Value)> =
+                    parts.iter().filter(|(_, m, _)| *m == id).collect();
+                ps.sort_by(|a, b| a.0.cmp(&b.0));
+                json!({"info": info, "parts": ps.iter().map(|p| p.2.clone()).collect::<Vec<_>>()})
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn the_routes_say_what_the_event_stream_said() {
+    let server = start(0.05).await;
+    let url = &server.url;
+    let events = Recorder::start(&format!("{url}/event")).await;
+    let report = taskgate::sim::client::run_like_opencode_run(url, "SCENARIO:grandchild")
+        .await
+        .unwrap();
+    let root = report.session_id;
+    let recorded = events
+        .wait_for(|e| {
+            let kids = children_of(e, &root);
+            kids.first()
+                .is_some_and(|c| said_then_idle(e, c, "child final answer"))
+                && said_then_idle(e, &root, "FINAL:")
+        })
+        .await;
+    let child = children_of(&recorded, &root)[0].clone();
+    let grandchild = children_of(&recorded, &child)[0].clone();
+    // Each loop ends with status idle, session.idle, then session.updated: wait for the last.
+    let tree = [root.clone(), child.clone(), grandchild.clone()];
+    let recorded = events
+        .wait_for(|e| {
+            tree.iter().all(|sid| {
+                let last_idle = e.iter().rposition(|e| is_idle_of(e, sid));
+                let last_update = e.iter().rposition(|e| {
+                    e["type"] == "session.updated" && e["properties"]["sessionID"] == sid.as_str()
+                });
+                matches!((last_idle, last_update), (Some(i), Some(u)) if u > i)
+            })
+        })
+        .await;
+    for sid in [&root, &child, &grandchild] {
+        let listed = get(&format!("{url}/session/{sid}/message")).await;
+        assert_eq!(listed, replay_messages(&recorded, sid), "messages of {sid}");
+        let info = get(&format!("{url}/session/{sid}")).await;
+        let last_update = recorded
+            .iter()
+            .rev()
+            .find(|e| {
+                (e["type"] == "session.updated" || e["type"] == "session.created")
+                    && e["properties"]["sessionID"] == sid.as_str()
+            })
+            .unwrap();
+        assert_eq!(info, last_update["properties"]["info"], "session {sid}");
+    }
+    let status = get(&format!("{url}/session/status")).await;
+    let replayed = statuses_at(&recorded, recorded.len() - 1);
+    assert!(
+        replayed.is_empty() && status == json!({}),
+        "{status} vs {replayed:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_event_stream_helper_sees_what_happens_after_it_connected() {
+    let server = start(0.05).await;
+    let mut events = taskgate::sim::client::EventStream::open(&server.url)
+        .await
+        .unwrap();
+    let (_, s) = call(
+        Method::POST,
+        &format!("{}/session", server.url),
+        Some(json!({})),
+    )
+    .await;
+    let created = events.next().await.unwrap().unwrap();
+    assert_eq!(created["type"], "session.created");
+    assert_eq!(created["properties"]["info"], s);
+    assert!(created["id"].as_str().unwrap().starts_with("evt_"));
+}
