@@ -16,7 +16,6 @@ pub mod claims;
 mod events;
 pub mod holds;
 mod json;
-pub mod sse;
 
 use std::sync::Arc;
 
