@@ -13,7 +13,10 @@ mod runtime;
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
-use provider::{ScriptedProvider, Turn, CHILD_DONE, PARENT_FINAL, PARENT_LAUNCHED, PLAIN_ANSWER};
+use provider::{
+    ScriptedProvider, Turn, CHILD_DONE, CHILD_FAIL_MESSAGE, PARENT_FINAL, PARENT_LAUNCHED,
+    PLAIN_ANSWER,
+};
 use runtime::{http_get, runtime_or_skip, Runtime, RuntimeOptions};
 use serde_json::Value;
 
@@ -176,14 +179,13 @@ async fn direct_run_exits_while_background_child_is_busy() {
         "run printed the parent's last answer although the child was still held: the runtime \
          changed; update this pin. Output: {out:?}"
     );
-    assert!(
-        provider
-            .requests()
-            .iter()
-            .any(|r| r.turn == Some(Turn::ChildHold("pin".into()))),
-        "the child's model turn never started"
-    );
-
+    // The child's model request may still be on its way when `run` exits.
+    provider
+        .wait_for("the child's model turn", SETTLE, |reqs| {
+            reqs.iter()
+                .any(|r| r.turn == Some(Turn::ChildHold("pin".into())))
+        })
+        .await;
     // Let the child finish: the runtime injects its result into the parent, which answers.
     // That answer exists, but the user of `run` never saw it.
     provider.release("pin");
@@ -230,6 +232,96 @@ async fn runtime_with_password_rejects_clients_without_credentials() {
             .contains("Say hello with a password.")),
         "the authenticated run's prompt never reached the model"
     );
+}
+
+/// The scripted scenarios play out in the real runtime as the through-taskgate tests expect:
+/// two background children, one working and one failing, are both reported back to the parent
+/// (the failure as the non-retryable `APIError` the runtime injects as `state="error"`), and the
+/// parent's last answer counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn working_and_failing_background_children_are_reported_to_the_parent() {
+    let Some(bin) =
+        runtime_or_skip("working_and_failing_background_children_are_reported_to_the_parent")
+    else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    let rt = Runtime::start(&bin, &provider.base_url(), RuntimeOptions::default()).await;
+
+    let prompt = "Delegate both. @bg(CHILD-WORK-2S first job) @bg(CHILD-FAIL second job)";
+    let out = rt.run(rt.url(), &[], prompt).await;
+    assert!(out.status.success(), "{out:?}");
+    let root = root_session(&rt).await;
+    let root_id = root["id"].as_str().unwrap().to_string();
+    wait_for_text(&rt, &root_id, "(completed=1 error=1)", SETTLE).await;
+    rt.wait_all_idle(SETTLE).await;
+
+    let kids = children(&rt, &root_id).await;
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    let mut errors = Vec::new();
+    for kid in &kids {
+        let id = kid["id"].as_str().unwrap();
+        let msgs = rt.get_json(&format!("/session/{id}/message")).await;
+        errors.extend(
+            msgs.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m.pointer("/info/error/name").and_then(Value::as_str))
+                .map(str::to_string),
+        );
+    }
+    assert_eq!(
+        errors,
+        ["APIError"],
+        "exactly the failing child records an APIError"
+    );
+    let injected: Vec<String> = provider
+        .chat_requests()
+        .iter()
+        .filter(|r| matches!(r.turn, Some(Turn::ParentInjected { .. })))
+        .map(|r| r.text_of_role("user"))
+        .collect();
+    assert!(
+        injected
+            .iter()
+            .any(|t| t.contains("state=\"error\"") && t.contains(CHILD_FAIL_MESSAGE)),
+        "the parent's model should read the injected failure: {injected:?}"
+    );
+}
+
+/// A foreground child (task without `background`) runs inside the parent's turn: the model reads
+/// the child's answer as the tool result, and `run --attach` exits only after the whole tree is
+/// idle. This is the contrast the background case breaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreground_child_runs_inside_the_parents_turn() {
+    let Some(bin) = runtime_or_skip("foreground_child_runs_inside_the_parents_turn") else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    let rt = Runtime::start(&bin, &provider.base_url(), RuntimeOptions::default()).await;
+    let out = rt
+        .run(rt.url(), &[], "Do it now. @fg(CHILD-WORK-1S quick job)")
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    let busy = rt.busy_sessions().await;
+    assert!(
+        busy.is_empty(),
+        "nothing may be busy after a foreground run: {busy:?}"
+    );
+    let tool_results: Vec<String> = provider
+        .chat_requests()
+        .iter()
+        .filter(|r| r.turn == Some(Turn::ParentAfterTools))
+        .map(|r| r.text_of_role("tool"))
+        .collect();
+    assert!(
+        tool_results.iter().any(|t| t.contains(CHILD_DONE)),
+        "the parent's model should read the child's answer as the tool result: {tool_results:?}"
+    );
+    let root = root_session(&rt).await;
+    let root_id = root["id"].as_str().unwrap();
+    let texts = assistant_texts(&rt, root_id).await;
+    assert!(texts.iter().any(|t| t.contains(PARENT_FINAL)), "{texts:?}");
 }
 
 // Through taskgate (issue 6), once `taskgate::proxy::run` is merged, each test above gains a twin
