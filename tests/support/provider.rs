@@ -188,6 +188,22 @@ impl ScriptedProvider {
             .collect()
     }
 
+    /// One line per chat request: the turn it was taken for and the start of its last message
+    /// (for failure messages: it shows how the runtime phrased what it sent).
+    pub fn describe(&self) -> String {
+        self.chat_requests()
+            .iter()
+            .map(|r| {
+                let last = messages(&r.body)
+                    .last()
+                    .map(|m| m.to_string().chars().take(300).collect::<String>())
+                    .unwrap_or_default();
+                format!("{:?} <- {last}", r.turn)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn request_count(&self) -> usize {
         self.shared.requests.lock().unwrap().len()
     }
@@ -476,7 +492,7 @@ fn launched_counts(body: &Value) -> (usize, usize) {
     (bg, prompts.len() - bg)
 }
 
-/// Injected `<task id=… state="…">` user messages seen so far, as (completed, error) counts.
+/// Injected child reports seen so far, as (completed, error) counts.
 fn injected_states(body: &Value) -> (usize, usize) {
     let mut completed = 0;
     let mut error = 0;
@@ -485,8 +501,11 @@ fn injected_states(body: &Value) -> (usize, usize) {
             continue;
         }
         let text = content_text(m);
+        // 1.18 era: `<task id=… state="completed">`; 1.15 era: `task_id: …\nstate: completed`.
         completed += text.matches("state=\"completed\"").count();
+        completed += text.matches("\nstate: completed").count();
         error += text.matches("state=\"error\"").count();
+        error += text.matches("\nstate: error").count();
     }
     (completed, error)
 }
@@ -520,9 +539,13 @@ pub fn classify(body: &Value) -> Turn {
         let last = messages(body).last();
         let last_role = last.and_then(|m| m.get("role")).and_then(Value::as_str);
         let last_text = last.map(content_text).unwrap_or_default();
+        let launched = messages(body)
+            .iter()
+            .any(|m| m.get("tool_calls").is_some_and(|c| !c.is_null()));
         return match last_role {
             Some("tool") => Turn::ParentAfterTools,
-            Some("user") if last_text.contains("<task ") => {
+            // Anything after the launch is a report; a script must never launch twice.
+            Some("user") if launched || last_text.contains("<task ") => {
                 let (c, e) = injected_states(body);
                 Turn::ParentInjected {
                     reported: c + e,

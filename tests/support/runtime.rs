@@ -51,6 +51,32 @@ pub fn runtime_version() -> String {
         .unwrap_or_else(|| PINNED_VERSION.to_string())
 }
 
+/// The oldest verified release that reports a failed background child as `state="error"`;
+/// 1.15.0 through 1.18.3 inject `state="completed"` with an empty result instead (see
+/// docs/compatibility.md).
+pub const FAILURE_REPORTED_SINCE: &str = "1.18.33";
+
+/// The oldest verified release whose in-process `opencode run` (no `--attach`) prints the final
+/// answer of a plain prompt while a server shares its HOME; 1.15.0 exits without printing it.
+pub const LOCAL_RUN_PRINTS_SINCE: &str = "1.17.0";
+
+/// Whether dotted version `v` is at least `min` (numeric components; missing ones count as 0).
+pub fn version_at_least(v: &str, min: &str) -> bool {
+    let parse =
+        |s: &str| -> Vec<u64> { s.split(['.', '-']).map_while(|p| p.parse().ok()).collect() };
+    let (a, b) = (parse(v), parse(min));
+    for i in 0..a.len().max(b.len()) {
+        let (x, y) = (
+            a.get(i).copied().unwrap_or(0),
+            b.get(i).copied().unwrap_or(0),
+        );
+        if x != y {
+            return x > y;
+        }
+    }
+    true
+}
+
 /// Where installed runtimes live, one sub-folder per version.
 pub fn cache_root() -> PathBuf {
     if let Ok(dir) = std::env::var("TASKGATE_RUNTIME_CACHE") {
