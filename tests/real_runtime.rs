@@ -162,8 +162,9 @@ async fn direct_run_exits_while_background_child_is_busy() {
         let out = run.await;
         panic!(
             "opencode-ai@{} kept `run --attach` open while a background child was busy \
-             (printed the final answer: {}). A new runtime seems to have fixed the upstream \
-             bug; update this pin and docs/compatibility.md. Output: {out:?}",
+             (printed the final answer: {}). Either the runtime has no background subagents \
+             (before 1.15.0 the child runs in the foreground) or a new runtime fixed the \
+             upstream bug; update this pin and docs/compatibility.md. Output: {out:?}",
             bin.version,
             out.stdout.contains(PARENT_FINAL)
         );

@@ -511,9 +511,25 @@ fn isolate(cmd: &mut Command, root: &Path, password: Option<&str>) {
         .env("XDG_STATE_HOME", home.join(".local/state"))
         .env("XDG_CACHE_HOME", home.join(".cache"))
         .env("TMPDIR", root.join("tmp"))
+        // At the first project request the runtime installs `@opencode-ai/plugin` into
+        // $HOME/.config/opencode with npm, in the background (about 3 s, ~25 MB). A shared npm
+        // cache makes that a local copy after the first test instead of a download per test.
+        .env("npm_config_cache", cache_root().join("npm-cache"))
         .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
         .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
         .env("OPENCODE_EXPERIMENTAL_BACKGROUND_SUBAGENTS", "true");
+    // Network and registry settings of the machine (CI proxies, mirrors, CA bundles) still apply.
+    for (key, value) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        let keep = (k.starts_with("npm_config_") && k != "npm_config_cache")
+            || matches!(
+                k.to_ascii_uppercase().as_str(),
+                "HTTP_PROXY" | "HTTPS_PROXY" | "NO_PROXY" | "SSL_CERT_FILE" | "NODE_EXTRA_CA_CERTS"
+            );
+        if keep {
+            cmd.env(&key, value);
+        }
+    }
     if let Some(p) = password {
         cmd.env("OPENCODE_SERVER_PASSWORD", p);
     }
