@@ -669,6 +669,16 @@ pub async fn http_post_json(
     authorization: Option<&str>,
     body: &Value,
 ) -> Result<(StatusCode, Bytes), String> {
+    let (status, _, body) = http_post_json_with_headers(url, authorization, body).await?;
+    Ok((status, body))
+}
+
+/// [`http_post_json`], also returning the response headers.
+pub async fn http_post_json_with_headers(
+    url: &str,
+    authorization: Option<&str>,
+    body: &Value,
+) -> Result<(StatusCode, hyper::HeaderMap, Bytes), String> {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let mut req = hyper::Request::post(url).header("content-type", "application/json");
@@ -679,14 +689,9 @@ pub async fn http_post_json(
         .request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
         .await
         .map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, body))
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((parts.status, parts.headers, body))
 }
 
 /// taskgate serving in front of a [`Runtime`] on 127.0.0.1:0, stopped on drop. For the
