@@ -252,9 +252,9 @@ pub struct ModelConfig {
     pub anthropic: String,
     /// Tool names whose results can claim a child is done (an `mcp_` prefix also matches).
     pub claim_tools: Vec<String>,
-    /// Longest a model request is held. Must stay below the runtime's provider timeout
-    /// (OpenCode: `provider.<id>.options.timeout` and `headerTimeout`, 300 s by default), or the runtime gives up on
-    /// the request, and the model never reads anything.
+    /// Longest a model request is held. Must stay below the runtime's provider timeouts
+    /// (OpenCode: `provider.<id>.options.timeout` and `headerTimeout`, 300 s by default), or
+    /// the runtime gives up on the request, and the model never reads anything.
     pub max_hold: HumanDuration,
     /// Largest request body read to look for claims; a larger one is forwarded unread.
     pub inspect_limit_bytes: usize,
