@@ -190,3 +190,41 @@ async fn when_max_hold_runs_out_the_model_reads_still_running() {
     assert!(result.contains("last activity 3 s ago"), "{result}");
     assert!(!result.contains(PARTIAL), "{result}");
 }
+
+#[tokio::test]
+async fn a_runtime_that_gives_up_on_a_held_request_ends_the_hold_and_sends_nothing() {
+    let mut provider = Provider::start(false).await;
+    let truth = ScriptedTruth::new();
+    let face = Face::start(&config(&provider.url, "60s"), truth.clone()).await;
+    let request = post(
+        &format!("{}/openai-chat/chat/completions", face.url),
+        &omo_chat_request(),
+    );
+    let sent = tokio::spawn(async move { client().request(request).await });
+    truth.asked(CHILD).await;
+    // The runtime's provider timeout fires: it closes the connection.
+    sent.abort();
+    truth.idle().await;
+    truth.set(
+        CHILD,
+        Verdict::Completed {
+            text: Some(FINAL.into()),
+        },
+    );
+    // A later request is served, and it is the only one the provider ever sees.
+    let plain =
+        json!({"model": "m", "messages": [{"role": "user", "content": "next"}]}).to_string();
+    client()
+        .request(post(
+            &format!("{}/openai-chat/chat/completions", face.url),
+            &plain,
+        ))
+        .await
+        .unwrap();
+    let got = provider.next().await;
+    assert_eq!(&got.body[..], plain.as_bytes());
+    assert!(
+        !provider.has_pending(),
+        "the abandoned request never reached the provider"
+    );
+}

@@ -31,7 +31,11 @@ fn config(runtime: &str, provider: &str) -> Config {
 }
 
 fn claim_request() -> String {
-    let claim = format!("Task Result\n\nTask ID: bg_04817ab3\nDescription: child task\nDuration: 3s\nSession ID: {CHILD}\n\n---\n\n{PARTIAL}");
+    claim_about(CHILD)
+}
+
+fn claim_about(child: &str) -> String {
+    let claim = format!("Task Result\n\nTask ID: bg_04817ab3\nDescription: child task\nDuration: 3s\nSession ID: {child}\n\n---\n\n{PARTIAL}");
     json!({"model": "scripted", "stream": true, "messages": [
         {"role": "user", "content": "go"},
         {"role": "assistant", "content": null, "tool_calls": [{"id": "call_2", "type": "function",
@@ -95,5 +99,31 @@ async fn a_claim_the_runtime_confirms_passes_byte_for_byte() {
     let got = provider.next().await;
     assert!(runtime.double.reads() > 0, "the claim was checked");
     assert_eq!(&got.body[..], body.as_bytes());
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_about_a_session_the_runtime_does_not_know_is_marked_unverified_without_a_hold() {
+    let runtime = Upstream::start(Data::all_done(), None).await;
+    let mut provider = Provider::start(false).await;
+    // max_hold (30 s) is far longer than the provider double's patience (10 s): the request
+    // can only arrive in time if it was not held.
+    let (face, shutdown) = start_face(config(&runtime.url, &provider.url)).await;
+    let body = claim_about("ses_nosuchsession0000");
+    let response = client()
+        .request(post(&format!("{face}/openai-chat/chat/completions"), &body))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let got = provider.next().await;
+    let body: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    let result = body["messages"][2]["content"].as_str().unwrap();
+    assert!(result.contains("could not confirm"), "{result}");
+    assert!(result.contains("does not know this session"), "{result}");
+    assert!(
+        !result.contains(&runtime.url),
+        "no runtime address for the model: {result}"
+    );
+    assert!(!result.contains(PARTIAL), "{result}");
     shutdown.cancel();
 }

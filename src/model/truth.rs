@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
+use crate::oracle::client::ClientError;
 use crate::oracle::{Oracle, OracleError, SessionRef, Verdict};
 
 /// What the runtime says about a child's tree when the hold ends.
@@ -33,7 +34,31 @@ pub trait Truth: Send + Sync {
 impl Truth for Oracle {
     fn settle<'a>(&'a self, child: &'a SessionRef, deadline: Instant) -> BoxFuture<'a, Finding> {
         Box::pin(async move {
-            let first = self.decide(child).await;
+            let first = match self.decide_checked(child).await {
+                Ok(first) => first,
+                // The runtime is up (it sent this request), so a refused read will not heal by
+                // waiting: say so at once rather than hold for max_hold. The model reads this
+                // text, so it names the kind of failure, not the runtime's address.
+                Err(e) => {
+                    tracing::warn!(child = %child.id, error = %e, "model face: cannot read the child");
+                    let reason = match e {
+                        ClientError::NotFound { .. } => "the runtime does not know this session",
+                        ClientError::Unauthorized { .. } => {
+                            "the runtime refused taskgate's credentials"
+                        }
+                        _ => "the runtime could not be read",
+                    };
+                    return Finding {
+                        verdict: Verdict::Unknown {
+                            reason: reason.to_owned(),
+                        },
+                        premature: true,
+                        timed_out: false,
+                        started_ago: None,
+                        last_activity_ago: None,
+                    };
+                }
+            };
             if first.verdict.is_terminal() && !first.background {
                 // Terminal, and no background work that could still wake it: no settle needed.
                 return Finding {

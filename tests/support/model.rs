@@ -161,6 +161,17 @@ pub struct ScriptedTruth {
     verdicts: Mutex<HashMap<String, Verdict>>,
     changed: watch::Sender<u64>,
     asked: watch::Sender<Vec<String>>,
+    /// Settles in progress; a dropped (cancelled) one counts down too.
+    active: Arc<watch::Sender<usize>>,
+}
+
+/// Counts one settle in progress for as long as it lives.
+struct Active(Arc<watch::Sender<usize>>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl ScriptedTruth {
@@ -185,6 +196,15 @@ impl ScriptedTruth {
             .unwrap();
     }
 
+    /// Waits until no settle is in progress (every hold ended, released or cancelled).
+    pub async fn idle(&self) {
+        let mut rx = self.active.subscribe();
+        tokio::time::timeout(PATIENCE, rx.wait_for(|n| *n == 0))
+            .await
+            .expect("every hold ended in time")
+            .unwrap();
+    }
+
     pub fn questions(&self) -> Vec<String> {
         self.asked.borrow().clone()
     }
@@ -198,6 +218,8 @@ impl Truth for ScriptedTruth {
     fn settle<'a>(&'a self, child: &'a SessionRef, deadline: Instant) -> BoxFuture<'a, Finding> {
         Box::pin(async move {
             let mut changes = self.changed.subscribe();
+            self.active.send_modify(|n| *n += 1);
+            let _active = Active(self.active.clone());
             self.asked.send_modify(|a| a.push(child.id.clone()));
             let mut premature = false;
             loop {
