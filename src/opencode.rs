@@ -676,6 +676,15 @@ impl Event {
         serde_json::from_value(self.properties.get("error")?.clone()).ok()
     }
 
+    /// `message.part.delta` (era B and later): a streamed piece of one part's field. Era A sends
+    /// the same as `delta` next to the whole part in `message.part.updated`.
+    pub fn part_delta(&self) -> Option<PartDelta> {
+        if self.kind != "message.part.delta" {
+            return None;
+        }
+        serde_json::from_value(self.properties.clone()).ok()
+    }
+
     /// Whether this event can change a session's terminal verdict. Streaming text
     /// (`message.part.delta`, text part updates), heartbeats and diffs cannot; reacting to them
     /// would re-read a busy tree on every token.
@@ -699,6 +708,22 @@ impl Event {
             _ => false,
         }
     }
+}
+
+/// The body of a `message.part.delta` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartDelta {
+    #[serde(rename = "sessionID", default)]
+    pub session_id: String,
+    #[serde(rename = "messageID", default)]
+    pub message_id: String,
+    #[serde(rename = "partID", default)]
+    pub part_id: String,
+    /// The part field the text is appended to (`text`).
+    #[serde(default)]
+    pub field: String,
+    #[serde(default)]
+    pub delta: String,
 }
 
 #[cfg(test)]
@@ -751,6 +776,9 @@ mod tests {
         let m = Event::parse(br#"{"type":"message.updated","properties":{"info":{"id":"msg_1","sessionID":"ses_m","role":"assistant","time":{"created":1}}}}"#).unwrap();
         assert_eq!(m.session_id(), Some("ses_m"));
         assert!(m.message_info().unwrap().is_assistant());
+        let d = Event::parse(br#"{"id":"evt_2","type":"message.part.delta","properties":{"sessionID":"ses_d","messageID":"msg_1","partID":"prt_1","field":"text","delta":"lau"}}"#).unwrap();
+        assert_eq!(d.part_delta().unwrap().delta, "lau");
+        assert_eq!(d.session_id(), Some("ses_d"));
         // sync payloads, garbage and unknown types.
         assert!(
             Event::parse(br#"{"directory":"/p","payload":{"type":"sync","syncEvent":{}}}"#)

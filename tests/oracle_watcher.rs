@@ -80,15 +80,17 @@ async fn reconnects_after_the_event_stream_drops_and_events_still_wake_waiters()
     })
     .await;
 
-    let reads = up.double.reads();
+    let histories = || {
+        up.double
+            .message_reads
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
     let waiter = {
         let oracle = oracle.clone();
         tokio::spawn(async move { oracle.wait_terminal(&root(), None).await })
     };
-    eventually("the waiter's first read", PATIENCE, || {
-        up.double.reads() > reads
-    })
-    .await;
+    // The waiter's whole first read (it ends with the child's history) saw the child busy.
+    eventually("the waiter's first read", PATIENCE, || histories() >= 2).await;
     up.double.set(Data::all_done());
     up.double
         .emit(json!({"id": "evt_1", "type": "session.status",
@@ -187,5 +189,104 @@ async fn a_thousand_waiters_share_one_read_per_interval() {
     assert!(
         message_reads <= 2 * (2 * intervals + 10),
         "{message_reads} history reads"
+    );
+}
+
+/// The recorded finished tree, with the parent's final answer replaced.
+fn done_saying(text: &str) -> Data {
+    let mut data = Data::all_done();
+    let parent = data.messages.get_mut(PARENT).unwrap();
+    let last = parent.last_mut().unwrap();
+    last["parts"][1]["text"] = json!(text);
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_tree_must_still_be_terminal_when_the_settle_window_ends() {
+    let up = Upstream::start(done_saying("first look"), None).await;
+    let oracle = Oracle::new(&config(&up.url, "1h", "300ms"));
+    let shutdown = CancellationToken::new();
+    oracle.start(shutdown.clone());
+    // Connected, statuses re-read, caches marked stale: from here on only this test moves.
+    eventually("the watcher's connect", PATIENCE, || {
+        oracle.watch_state().seq() >= 1
+    })
+    .await;
+    assert_eq!(up.double.reads(), 1);
+    let waiter = {
+        let oracle = oracle.clone();
+        tokio::spawn(async move { oracle.wait_terminal(&root(), None).await })
+    };
+    // A tree read ends with the child's history (parent first, then child).
+    let histories = || {
+        up.double
+            .message_reads
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    eventually("the waiter's first read", PATIENCE, || histories() >= 2).await;
+    // Inside the settle window the runtime changes its mind, silently (no event).
+    up.double.set(Data::child_busy());
+    eventually("the closing re-read", PATIENCE, || histories() == 4).await;
+    up.double.set(done_saying("second look"));
+    up.double
+        .emit(json!({"type": "session.idle", "properties": {"sessionID": CHILD}}));
+    let d = tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        d.verdict,
+        Verdict::Completed {
+            text: Some("second look".into())
+        }
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_prompt_gets_no_settle_window() {
+    let mut data = Data::all_done();
+    let parent = data.messages.get_mut(PARENT).unwrap();
+    let (first, last) = (parent[0].clone(), parent[parent.len() - 1].clone());
+    *parent = vec![first, last];
+    data.children.clear();
+    let up = Upstream::start(data, None).await;
+    // A settle window longer than the test: only a tree without background work can finish.
+    let oracle = Oracle::new(&config(&up.url, "1h", "1h"));
+    let d = tokio::time::timeout(PATIENCE, oracle.wait_terminal(&root(), None))
+        .await
+        .expect("no settle window for a plain prompt")
+        .unwrap();
+    assert!(!d.background);
+    assert_eq!(
+        d.verdict,
+        Verdict::Completed {
+            text: Some(FINAL_TEXT.into())
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verdict_stream_yields_each_change_once() {
+    use futures_util::StreamExt;
+    let up = Upstream::start(Data::child_busy(), None).await;
+    let oracle = Oracle::new(&config(&up.url, "20ms", "20ms"));
+    let mut stream = Box::pin(oracle.watch(root()));
+    let first = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.verdict.name(), "running");
+    up.double.set(Data::all_done());
+    let second = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second.verdict,
+        Verdict::Completed {
+            text: Some(FINAL_TEXT.into())
+        }
     );
 }

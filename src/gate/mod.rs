@@ -16,7 +16,6 @@ pub mod claims;
 mod events;
 pub mod holds;
 pub(crate) mod json;
-pub mod sse;
 
 use std::sync::Arc;
 

@@ -1,8 +1,10 @@
-//! The oracle: the truth about session trees. (Interface; filled in by issue 3.)
+//! The oracle: the truth about session trees.
 //!
-//! It watches the runtime's events, reads the runtime when needed (coalesced: one upstream read
-//! per tree per interval however many wait), and decides with one pure function, the terminal
-//! rule, whether a tree is done. It knows nothing of HTTP clients.
+//! It watches the runtime's events ([`watcher`]), reads the runtime when needed ([`client`];
+//! coalesced: one upstream read per tree per interval however many wait), and decides with one
+//! pure function, the terminal rule ([`rule::judge`]), whether a tree is done. Callers (the
+//! gate, the model face, `taskgate wait`) see only [`Oracle`] and [`Decision`]; they never
+//! talk to the runtime's read routes themselves. docs/terminal-rule.md explains every clause.
 
 pub mod client;
 pub mod rule;
@@ -94,8 +96,9 @@ pub struct SessionSummary {
 pub struct Decision {
     #[serde(flatten)]
     pub verdict: Verdict,
-    /// The tree had background work (a background launch or a child that outlived its parent's
-    /// turn). Only such trees wait out the settle window.
+    /// The tree had background work (some session launched a background child: OpenCode's
+    /// `background: true` task or an oh-my-opencode launch).
+    /// Only such trees wait out the settle window.
     pub background: bool,
     pub sessions: Vec<SessionSummary>,
 }
@@ -124,6 +127,7 @@ struct Inner {
     /// One slot per root: its lock makes concurrent readers share one upstream read.
     trees: std::sync::Mutex<HashMap<SessionRef, Arc<tokio::sync::Mutex<Option<Reading>>>>>,
     shutdown: CancellationToken,
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// One read of a tree and what it was decided from.
@@ -166,13 +170,22 @@ impl Oracle {
                 state: Arc::new(WatchState::default()),
                 trees: std::sync::Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
+                started: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
 
     /// Starts the watcher (one `/global/event` subscription, reconnecting) until `shutdown`.
-    /// Waits in progress end with [`OracleError::Cancelled`] when `shutdown` fires.
+    /// Waits in progress end with [`OracleError::Cancelled`] when `shutdown` fires. A second
+    /// call does nothing: two subscriptions would only double the runtime's work.
     pub fn start(&self, shutdown: CancellationToken) {
+        if self
+            .inner
+            .started
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         let inner = self.inner.clone();
         tokio::spawn(watcher::run(
             inner.client.clone(),
@@ -229,6 +242,8 @@ impl Oracle {
                 .unwrap_or_else(|| unknown("the deadline passed before the first read"));
             OracleError::Deadline(Box::new(decision))
         };
+        // When the tree was first seen terminal in the current unbroken run of terminal reads.
+        let mut settling: Option<Instant> = None;
         loop {
             let reading = tokio::select! {
                 r = self.read(session, Fresh::MaxAge(self.inner.poll_interval)) => r,
@@ -239,8 +254,10 @@ impl Oracle {
                 if !reading.decision.background {
                     return Ok(reading.decision);
                 }
-                // Rule 6: hold for the settle window, then re-read.
-                let settle_end = Instant::now() + self.inner.settle_window;
+                // Rule 6: hold for the settle window, then re-read. An event meanwhile causes a
+                // re-read; the window only starts over if that read is not terminal (runtime
+                // chatter such as `session.updated` after an idle must not postpone it).
+                let settle_end = *settling.get_or_insert(Instant::now() + self.inner.settle_window);
                 match self
                     .wait_change(&reading, settle_end, deadline, &mut changes)
                     .await
@@ -258,9 +275,11 @@ impl Oracle {
                 if again.decision.verdict.is_terminal() {
                     return Ok(again.decision);
                 }
+                settling = None;
                 last = Some(again.decision);
                 continue;
             }
+            settling = None;
             let until = Instant::now() + self.inner.poll_interval;
             match self
                 .wait_change(&reading, until, deadline, &mut changes)
@@ -431,6 +450,10 @@ impl Oracle {
             let messages = messages?;
             queue.extend(children.into_iter().map(|c| c.id));
             queue.extend(rule::named_children(&messages));
+            // Children the watcher saw created, in case `/children` does not list them.
+            if let Some(known) = self.inner.state.session(&id) {
+                queue.extend(known.children);
+            }
             let status = statuses.get(&id).cloned();
             let seen_busy =
                 self.inner.state.busy_ever(&id) || status.as_ref().is_some_and(|s| !s.is_idle());

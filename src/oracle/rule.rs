@@ -154,7 +154,11 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, St
     let id = &s.info.id;
     // Rule 1: not busy, and started.
     if let Some(status) = s.status.as_ref().filter(|st| !st.is_idle()) {
-        return Err(format!("{id} is {} (rule 1)", status.name()));
+        return Err(match status {
+            SessionStatus::Busy => format!("{id} is busy (rule 1)"),
+            SessionStatus::Retry { .. } => format!("{id} is retrying (rule 1)"),
+            other => format!("{id} has status {} (rule 1)", other.name()),
+        });
     }
     let answered_once = s.messages.iter().any(|m| m.info.is_assistant());
     if !s.seen_busy && !answered_once {

@@ -6,7 +6,7 @@
 //! re-read: an event that can change a verdict bumps the session's sequence number and wakes
 //! them, so a claim is released within one read of the runtime's own idle, not a poll later.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::opencode::sse::SseDecoder;
-use crate::opencode::{Event, SessionStatus, StatusMap};
+use crate::opencode::{task_tags, Event, MessageInfo, Part, Role, SessionStatus, StatusMap};
 
 use super::client::RuntimeClient;
 
@@ -33,6 +33,16 @@ pub struct SessionState {
     pub busy_ever: bool,
     pub parent: Option<String>,
     pub last_event: Option<Instant>,
+    /// The last assistant message's info as last updated (finish, error, completed time).
+    pub last_assistant: Option<MessageInfo>,
+    /// Children seen so far: task parts' `metadata.sessionId` and sessions created with this
+    /// one as `parentID`.
+    pub children: BTreeSet<String>,
+    /// Children launched in the background (see [`crate::opencode::ToolPart::background_launch`]).
+    pub launches: BTreeSet<String>,
+    /// Children whose result was injected (`<task id=… state="completed|error">` in a user
+    /// message's text).
+    pub results: BTreeSet<String>,
     /// The global sequence number of the last verdict-relevant change.
     seq: u64,
 }
@@ -120,14 +130,45 @@ impl WatchState {
             } else if event.is_idle() {
                 s.status = Some(SessionStatus::Idle);
             }
-            if let Some(parent) = event.session_info().and_then(|i| i.parent_id) {
-                s.parent = Some(parent);
+            if let Some(info) = event.message_info().filter(|i| i.role == Role::Assistant) {
+                s.last_assistant = Some(info);
+            }
+            match event.part() {
+                Some(Part::Tool(tool)) => {
+                    if let Some(child) = tool.child_session_id() {
+                        s.children.insert(child.to_owned());
+                    }
+                    if let Some(launch) = tool.background_launch() {
+                        s.children.insert(launch.child.clone());
+                        s.launches.insert(launch.child);
+                    }
+                }
+                // Text parts stream many updates; only a completed tag matters, and it is
+                // whole in the part's full text on every update.
+                Some(Part::Text(text)) => {
+                    for tag in task_tags(&text.text) {
+                        if matches!(tag.state.as_str(), "completed" | "error") {
+                            s.results.insert(tag.id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            let created_under = event.session_info().and_then(|i| i.parent_id);
+            if let Some(parent) = &created_under {
+                s.parent = Some(parent.clone());
             }
             if relevant {
                 s.seq = seq;
+            }
+            if let Some(parent) = s.parent.clone() {
+                let p = sessions.entry(parent).or_default();
+                if created_under.is_some() {
+                    p.children.insert(id.to_owned());
+                }
                 // A new or changed child changes its parent's tree too.
-                if let Some(parent) = s.parent.clone() {
-                    sessions.entry(parent).or_default().seq = seq;
+                if relevant {
+                    p.seq = seq;
                 }
             }
         }
@@ -214,5 +255,43 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARENT: &str = "ses_df4c7ac0effeZp1S7fWTeAToXq";
+    const CHILD: &str = "ses_df4c7ab9bffecks0CL3iL16K45";
+
+    #[test]
+    fn the_recorded_run_leaves_the_expected_state() {
+        let stream = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/opencode-1.18.33/background-subagent/global-event.sse"
+        ));
+        let state = WatchState::default();
+        let mut decoder = SseDecoder::new();
+        for frame in decoder.push(stream.as_bytes()) {
+            if let Some(event) = Event::parse(frame.data.as_bytes()) {
+                state.record(&event);
+            }
+        }
+        let parent = state.session(PARENT).unwrap();
+        let child = state.session(CHILD).unwrap();
+        assert_eq!(child.parent.as_deref(), Some(PARENT));
+        assert!(child.busy_ever && parent.busy_ever);
+        assert_eq!(child.status, Some(SessionStatus::Idle));
+        assert!(parent.children.contains(CHILD));
+        assert!(parent.launches.contains(CHILD));
+        assert!(
+            parent.results.contains(CHILD),
+            "the injected result was seen"
+        );
+        let last = parent.last_assistant.unwrap();
+        assert_eq!(last.finish.as_deref(), Some("stop"));
+        assert!(state.changed_since(&[CHILD.to_owned()], 0));
+        assert!(!state.changed_since(&[CHILD.to_owned()], state.seq()));
     }
 }

@@ -17,7 +17,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
 /// One thing the client saw.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +92,8 @@ pub enum ClientError {
         route: String,
         source: serde_json::Error,
     },
+    #[error("POST /session answered without an id: {0}")]
+    NoSessionId(String),
     #[error("the event stream ended before the session went idle")]
     StreamEnded,
 }
@@ -121,29 +122,13 @@ pub async fn run_like_opencode_run(base_url: &str, prompt: &str) -> Result<RunRe
     .await?;
     let session_id = session["id"]
         .as_str()
-        .ok_or_else(|| ClientError::Status {
-            route: "POST /session".to_owned(),
-            status: StatusCode::OK,
-            body: session.to_string(),
-        })?
+        .ok_or_else(|| ClientError::NoSessionId(session.to_string()))?
         .to_owned();
     send_json(&client, Method::GET, &format!("{base}/config"), None).await?;
 
-    let events = open(&client, Method::GET, &format!("{base}/event"), None).await?;
-    let (connected_tx, connected_rx) = oneshot::channel();
-    let reader = tokio::spawn(read_until_idle(
-        events,
-        session_id.clone(),
-        start,
-        connected_tx,
-    ));
     // Like the real client, prompt only once the stream is live, so no event is missed.
-    if connected_rx.await.is_err() {
-        return match reader.await {
-            Ok(Err(e)) => Err(e),
-            _ => Err(ClientError::StreamEnded),
-        };
-    }
+    let events = EventStream::connect(&client, &base).await?;
+    let reader = tokio::spawn(read_until_idle(events, session_id.clone(), start));
 
     let body = json!({"parts": [{"type": "text", "text": prompt}]});
     let url = format!("{base}/session/{session_id}/message");
@@ -223,83 +208,119 @@ async fn send_json(
     serde_json::from_slice(&body).map_err(|source| ClientError::Json { route, source })
 }
 
-/// Reads SSE frames until `session`'s first idle signal; returns what it saw and the idle
-/// event's id.
+/// A live subscription to `GET /event`: era-C envelopes, one at a time. Usable against the sim
+/// or a proxy in front of it (the demo watches the truth with it).
+pub struct EventStream {
+    body: Incoming,
+    lines: LineBuffer,
+    ready: std::collections::VecDeque<Value>,
+}
+
+impl EventStream {
+    /// Subscribes to `{base_url}/event` and returns once `server.connected` arrived, so every
+    /// event emitted afterwards will be seen.
+    pub async fn open(base_url: &str) -> Result<EventStream, ClientError> {
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        EventStream::connect(&client, base_url.trim_end_matches('/')).await
+    }
+
+    async fn connect(client: &HttpClient, base: &str) -> Result<EventStream, ClientError> {
+        let response = open(client, Method::GET, &format!("{base}/event"), None).await?;
+        let mut stream = EventStream {
+            body: response.into_body(),
+            lines: LineBuffer::default(),
+            ready: Default::default(),
+        };
+        loop {
+            match stream.next().await? {
+                Some(event) if event["type"] == "server.connected" => return Ok(stream),
+                Some(_) => continue,
+                None => return Err(ClientError::StreamEnded),
+            }
+        }
+    }
+
+    /// The next event, or `None` when the stream ended. Lines that are not JSON `data:` are
+    /// skipped, like a browser's EventSource does with unknown fields.
+    pub async fn next(&mut self) -> Result<Option<Value>, ClientError> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Ok(Some(event));
+            }
+            let Some(frame) = self.body.frame().await else {
+                return Ok(None);
+            };
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            for line in self.lines.push(&data) {
+                let Some(payload) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                if let Ok(event) = serde_json::from_str::<Value>(payload.trim_start()) {
+                    self.ready.push_back(event);
+                }
+            }
+        }
+    }
+}
+
+/// Reads events until `session`'s first idle signal; returns what it saw and the idle event's
+/// id.
 async fn read_until_idle(
-    response: Response<Incoming>,
+    mut events: EventStream,
     session: String,
     start: Instant,
-    connected: oneshot::Sender<()>,
 ) -> Result<(Vec<Entry>, Option<String>), ClientError> {
-    let mut connected = Some(connected);
-    let mut body = response.into_body();
-    let mut lines = LineBuffer::default();
     let mut timeline = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
+    while let Some(event) = events.next().await? {
+        let props = &event["properties"];
+        let sid = props["sessionID"]
+            .as_str()
+            .or_else(|| props["part"]["sessionID"].as_str())
+            .or_else(|| props["info"]["sessionID"].as_str());
+        if sid != Some(session.as_str()) {
             continue;
-        };
-        for line in lines.push(&data) {
-            let Some(payload) = line.strip_prefix("data:") else {
-                continue;
-            };
-            let Ok(event) = serde_json::from_str::<Value>(payload.trim_start()) else {
-                continue;
-            };
-            if event["type"] == "server.connected" {
-                if let Some(tx) = connected.take() {
-                    let _ = tx.send(());
-                }
-                continue;
-            }
-            let props = &event["properties"];
-            let sid = props["sessionID"]
-                .as_str()
-                .or_else(|| props["part"]["sessionID"].as_str())
-                .or_else(|| props["info"]["sessionID"].as_str());
-            if sid != Some(session.as_str()) {
-                continue;
-            }
-            let at_ms = ms_since(start);
-            let is_idle = event["type"] == "session.idle"
-                || (event["type"] == "session.status" && props["status"]["type"] == "idle");
-            if is_idle {
-                let event_id = event["id"].as_str().unwrap_or_default().to_owned();
+        }
+        let at_ms = ms_since(start);
+        let is_idle = event["type"] == "session.idle"
+            || (event["type"] == "session.status" && props["status"]["type"] == "idle");
+        if is_idle {
+            let event_id = event["id"].as_str().unwrap_or_default().to_owned();
+            timeline.push(Entry {
+                at_ms,
+                seen: Seen::Idle {
+                    event_id: event_id.clone(),
+                },
+            });
+            return Ok((timeline, Some(event_id)));
+        }
+        if event["type"] != "message.part.updated" {
+            continue;
+        }
+        let part = &props["part"];
+        if part["type"] == "text" && part["time"]["end"].is_number() {
+            if let Some(text) = part["text"].as_str() {
                 timeline.push(Entry {
                     at_ms,
-                    seen: Seen::Idle {
-                        event_id: event_id.clone(),
+                    seen: Seen::Text(text.to_owned()),
+                });
+            }
+        } else if part["type"] == "tool" {
+            let status = part["state"]["status"].as_str().unwrap_or_default();
+            if status == "completed" || status == "error" {
+                let output = part["state"]["output"]
+                    .as_str()
+                    .or_else(|| part["state"]["error"].as_str())
+                    .unwrap_or_default();
+                timeline.push(Entry {
+                    at_ms,
+                    seen: Seen::Tool {
+                        tool: part["tool"].as_str().unwrap_or_default().to_owned(),
+                        status: status.to_owned(),
+                        output: output.to_owned(),
                     },
                 });
-                return Ok((timeline, Some(event_id)));
-            }
-            if event["type"] != "message.part.updated" {
-                continue;
-            }
-            let part = &props["part"];
-            if part["type"] == "text" && part["time"]["end"].is_number() {
-                if let Some(text) = part["text"].as_str() {
-                    timeline.push(Entry {
-                        at_ms,
-                        seen: Seen::Text(text.to_owned()),
-                    });
-                }
-            } else if part["type"] == "tool" {
-                let status = part["state"]["status"].as_str().unwrap_or_default();
-                if status == "completed" || status == "error" {
-                    let output = part["state"]["output"]
-                        .as_str()
-                        .or_else(|| part["state"]["error"].as_str())
-                        .unwrap_or_default();
-                    timeline.push(Entry {
-                        at_ms,
-                        seen: Seen::Tool {
-                            tool: part["tool"].as_str().unwrap_or_default().to_owned(),
-                            status: status.to_owned(),
-                            output: output.to_owned(),
-                        },
-                    });
-                }
             }
         }
     }

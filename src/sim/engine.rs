@@ -119,7 +119,8 @@ impl Sim {
         } else {
             1.0
         };
-        Duration::from_secs_f64(ms as f64 * scale / 1000.0)
+        // An absurd scale from the command line means "forever", not a panic.
+        Duration::try_from_secs_f64(ms as f64 * scale / 1000.0).unwrap_or(Duration::MAX)
     }
 
     /// Sleeps a scenario delay, scaled.
@@ -645,7 +646,8 @@ async fn run_turn(sim: &Arc<Sim>, sid: &str, trigger: &Trigger) -> LoopOutcome {
                 message,
                 ms,
             } => {
-                let next = now_ms() + sim.scaled(*ms).as_millis() as u64;
+                let wait = u64::try_from(sim.scaled(*ms).as_millis()).unwrap_or(u64::MAX);
+                let next = now_ms().saturating_add(wait);
                 set_status(
                     sim,
                     &mut sim.lock(),
@@ -792,15 +794,33 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
         }
     };
 
+    let background = launch.style != LaunchStyle::Foreground;
+    let starter = if background {
+        tokio::spawn(starter);
+        None
+    } else {
+        Some(starter)
+    };
+    if background && launch.child.start_delay_ms == 0 {
+        // The runtime starts the child's loop before it answers the launch: make that
+        // order certain, so "claimed while the child runs" never depends on scheduling.
+        let child_id = child_id.clone();
+        sim.wait_until(|st| {
+            st.statuses.contains_key(&child_id)
+                || st.session(&child_id).is_none_or(|r| r.loops_done > 0)
+        })
+        .await;
+    }
     let output = match launch.style {
         LaunchStyle::Foreground => {
-            starter.await;
+            if let Some(starter) = starter {
+                starter.await;
+            }
             let outcome = rx.await.unwrap_or_default();
             metadata["truncated"] = json!(false);
             result_text(&child_id, launch.description, &outcome, false)
         }
         LaunchStyle::Background => {
-            tokio::spawn(starter);
             tokio::spawn(inject_when_done(
                 sim.clone(),
                 sid.to_owned(),
@@ -816,7 +836,6 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
             )
         }
         LaunchStyle::OmoBackground => {
-            tokio::spawn(starter);
             // oh-my-opencode reads the outcome through its own poller; nothing is injected.
             drop(rx);
             let bg = bg_id.unwrap_or_default();

@@ -53,6 +53,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let sim = Sim::new(options, shutdown.child_token());
+    let names: Vec<&str> = scenario::all().iter().map(|s| s.name).collect();
+    tracing::info!(
+        time_scale = options.time_scale,
+        "sim ready; a prompt picks a scenario with {}<name>, one of: {}",
+        scenario::MARKER,
+        names.join(", ")
+    );
     let app = router(sim.clone());
     let stop = shutdown.clone();
     let served = axum::serve(listener, app)
@@ -317,7 +324,7 @@ fn frames(sim: &Sim, flavor: Flavor, event: &Event) -> String {
             if let Some((kind, seq, aggregate)) = &event.sync {
                 out.push_str(&sse_line(
                     &json!({"directory": sim.directory, "project": PROJECT_ID,
-                    "payload": {"type": "sync", "syncEvent": {"id": event.id, "type": kind,
+                    "payload": {"id": event.id, "type": "sync", "syncEvent": {"id": event.id, "type": kind,
                         "seq": seq, "aggregateID": aggregate, "data": event.properties}}}),
                 ));
             }

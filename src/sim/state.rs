@@ -292,3 +292,29 @@ impl State {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::IdGen;
+
+    #[test]
+    fn ids_look_like_the_runtimes_and_sort_by_creation() {
+        let mut ids = IdGen::new();
+        let msgs: Vec<String> = (0..5000).map(|_| ids.ascending("msg")).collect();
+        let sessions: Vec<String> = (0..50).map(|_| ids.descending("ses")).collect();
+        for id in msgs.iter().chain(&sessions) {
+            assert_eq!(id.len(), 30, "{id}");
+            assert!(id[4..].chars().all(|c| c.is_ascii_alphanumeric()), "{id}");
+        }
+        assert!(
+            msgs.windows(2).all(|w| w[0] < w[1]),
+            "ascending ids increase"
+        );
+        assert!(
+            sessions.windows(2).all(|w| w[0] > w[1]),
+            "session ids decrease: newest first"
+        );
+        let bg = ids.background_task();
+        assert!(bg.starts_with("bg_") && bg.len() == 11, "{bg}");
+    }
+}

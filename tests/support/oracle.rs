@@ -282,8 +282,10 @@ async fn messages(
     if let Some(r) = denied(&d, &headers) {
         return r;
     }
+    let found = d.data.lock().unwrap().messages.get(&id).cloned();
+    // Counted once the data is taken: a test that sees the count knows what was served.
     d.message_reads.fetch_add(1, Ordering::SeqCst);
-    let Some(all) = d.data.lock().unwrap().messages.get(&id).cloned() else {
+    let Some(all) = found else {
         return not_found(&id);
     };
     let query: HashMap<String, String> = uri
