@@ -228,3 +228,75 @@ async fn a_runtime_that_gives_up_on_a_held_request_ends_the_hold_and_sends_nothi
         "the abandoned request never reached the provider"
     );
 }
+
+/// oh-my-opencode's parent wake (omo-false-claim.md: sent at ~12.5 s while the grandchild works
+/// until ~17.4 s), after a launch, as an Anthropic messages request.
+fn omo_wake_request() -> String {
+    let launch = format!("Background task launched.\n\nBackground Task ID: bg_04817ab3\nStatus: pending\n\n<task_metadata>\nsession_id: {CHILD}\nbackground_task_id: bg_04817ab3\n</task_metadata>");
+    json!({"model": "claude", "max_tokens": 1024, "stream": true, "messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "task",
+            "input": {"run_in_background": true}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": launch}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "I will wait for the child."}]},
+        {"role": "user", "content": [{"type": "text", "text": WAKE}]},
+    ]})
+    .to_string()
+}
+
+const WAKE: &str =
+    "[ALL BACKGROUND TASKS COMPLETE]\n- `bg_04817ab3`: child task\n<!-- OMO_INTERNAL_INITIATOR -->";
+
+#[tokio::test]
+async fn a_premature_wake_is_held_and_goes_on_unchanged_once_the_tree_is_done() {
+    let mut provider = Provider::start(false).await;
+    let truth = ScriptedTruth::new();
+    let face = Face::start(&config(&provider.url, "60s"), truth.clone()).await;
+    let body = omo_wake_request();
+    let request = post(&format!("{}/anthropic/messages", face.url), &body);
+    let sent = tokio::spawn(async move { client().request(request).await.unwrap() });
+
+    truth.asked(CHILD).await;
+    assert!(!provider.has_pending(), "held while the child's tree runs");
+    truth.set(
+        CHILD,
+        Verdict::Completed {
+            text: Some(FINAL.into()),
+        },
+    );
+
+    let got = provider.next().await;
+    assert_eq!(
+        &got.body[..],
+        body.as_bytes(),
+        "the wake is true now: unchanged"
+    );
+    assert_eq!(sent.await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_wake_while_the_child_still_runs_gets_the_truth_appended() {
+    let mut provider = Provider::start(false).await;
+    let truth = ScriptedTruth::new();
+    let face = Face::start(&config(&provider.url, "300ms"), truth.clone()).await;
+    let response = client()
+        .request(post(
+            &format!("{}/anthropic/messages", face.url),
+            &omo_wake_request(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let got = provider.next().await;
+    let body = body_json(&got.text());
+    let text = body["messages"][4]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(WAKE),
+        "the plugin's text and marker stay: {text}"
+    );
+    assert!(
+        text.contains("[taskgate] This message reported this task as completed"),
+        "{text}"
+    );
+    assert!(text.contains("still running"), "{text}");
+}

@@ -11,11 +11,21 @@ use futures_util::future::join_all;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::format::{self, Format, ToolResult};
+use super::format::{self, Format, Slot, TextSlot};
 use super::truth::{Finding, Truth};
 use crate::gate::claims::{self, Claim, ClaimTools, Claimed};
 use crate::gate::json::resolve;
 use crate::oracle::{SessionRef, Verdict};
+
+/// Where a claim was found, and so how it is corrected.
+enum Place {
+    /// A tool result: replaced by the truth unless it was true when the model's request came.
+    Result(Slot),
+    /// A user text (an injected result, a plugin wake): it carries no result of its own, so it
+    /// is left as it is when the tree has finished by the time it is released, and otherwise
+    /// gets the truth appended.
+    Text(TextSlot),
+}
 
 /// The request body to forward instead of the original, when a claim had to be corrected.
 /// `None`: no claim, or every claim is true; the original bytes go on untouched.
@@ -27,13 +37,21 @@ pub(super) async fn correct(
     max_hold: Duration,
 ) -> Option<Vec<u8>> {
     let mut value: Value = serde_json::from_slice(body).ok()?;
-    let claimed: Vec<(ToolResult, Claim)> = format::newest_results(format, &value)
+    let mut claimed: Vec<(String, Place, Claim)> = format::newest_results(format, &value)
         .into_iter()
         .filter_map(|r| {
             let claim = claims::tool_result(tools, &r.tool, &r.input, &r.text)?;
-            Some((r, claim))
+            Some((r.tool, Place::Result(r.slot), claim))
         })
         .collect();
+    claimed.extend(
+        format::newest_user_texts(format, &value)
+            .into_iter()
+            .filter_map(|t| {
+                let claim = claims::message_text(&t.text)?;
+                Some(("This message".to_owned(), Place::Text(t.slot), claim))
+            }),
+    );
     if claimed.is_empty() {
         return None;
     }
@@ -44,11 +62,11 @@ pub(super) async fn correct(
     }
     let started = StdInstant::now();
     let deadline = Instant::now() + max_hold;
-    let checks = claimed.iter().map(|(result, claim)| {
+    let checks = claimed.iter().map(|(who, _, claim)| {
         let children = resolve(&claim.children, &launches);
         async move {
             if children.is_empty() {
-                tracing::warn!(tool = %result.tool, "claim names no child taskgate can link; passed unchecked");
+                tracing::warn!(%who, "claim names no child taskgate can link; passed unchecked");
             }
             let waits = children.iter().map(|id| async move {
                 let child = SessionRef {
@@ -62,28 +80,41 @@ pub(super) async fn correct(
     });
     let outcomes = join_all(checks).await;
     let mut changed = false;
-    for ((result, claim), findings) in claimed.iter().zip(outcomes) {
-        let confirmed = findings.iter().all(|(_, f)| confirms(claim.claimed, f));
+    for ((who, place, claim), findings) in claimed.iter().zip(outcomes) {
+        let true_now = findings
+            .iter()
+            .all(|(_, f)| agrees(claim.claimed, &f.verdict));
+        let true_then = findings.iter().all(|(_, f)| confirms(claim.claimed, f));
+        let rewrite = match place {
+            Place::Result(_) => !true_then,
+            Place::Text(_) => !true_now,
+        };
         for (child, f) in &findings {
             tracing::info!(
-                tool = %result.tool,
+                %who,
+                source = claim.source.name(),
                 claimed = ?claim.claimed,
                 %child,
                 verdict = f.verdict.name(),
                 timed_out = f.timed_out,
                 held_ms = started.elapsed().as_millis() as u64,
-                rewritten = !confirmed,
+                rewritten = rewrite,
                 "model request: claim checked"
             );
         }
-        if confirmed {
+        if !rewrite {
             continue;
         }
-        let error = findings
-            .iter()
-            .any(|(_, f)| matches!(f.verdict, Verdict::Failed { .. } | Verdict::Aborted { .. }));
-        let text = truthful_text(&result.tool, claim.claimed, &findings);
-        format::replace(&mut value, result.slot, &text, error);
+        let text = truthful_text(who, claim.claimed, &findings);
+        match *place {
+            Place::Result(slot) => {
+                let error = findings.iter().any(|(_, f)| {
+                    matches!(f.verdict, Verdict::Failed { .. } | Verdict::Aborted { .. })
+                });
+                format::replace(&mut value, slot, &text, error);
+            }
+            Place::Text(slot) => format::append_note(format, &mut value, slot, &text),
+        }
         changed = true;
     }
     if !changed {
@@ -95,23 +126,23 @@ pub(super) async fn correct(
 /// Whether what the runtime found says what the claim said, and said it when the claim was
 /// made. Running and unknown never do.
 fn confirms(claimed: Claimed, finding: &Finding) -> bool {
-    !finding.premature
-        && matches!(
-            (claimed, &finding.verdict),
-            (Claimed::Completed, Verdict::Completed { .. })
-                | (
-                    Claimed::Error | Claimed::Cancelled,
-                    Verdict::Failed { .. } | Verdict::Aborted { .. }
-                )
-        )
+    !finding.premature && agrees(claimed, &finding.verdict)
+}
+
+/// Whether `verdict` is what the claim says.
+fn agrees(claimed: Claimed, verdict: &Verdict) -> bool {
+    matches!(
+        (claimed, verdict),
+        (Claimed::Completed, Verdict::Completed { .. })
+            | (
+                Claimed::Error | Claimed::Cancelled,
+                Verdict::Failed { .. } | Verdict::Aborted { .. }
+            )
+    )
 }
 
 /// The text the model reads instead of the false claim: one paragraph per child.
-pub(super) fn truthful_text(
-    tool: &str,
-    claimed: Claimed,
-    findings: &[(String, Finding)],
-) -> String {
+fn truthful_text(who: &str, claimed: Claimed, findings: &[(String, Finding)]) -> String {
     let said = match claimed {
         Claimed::Completed => "completed",
         Claimed::Error => "failed",
@@ -119,15 +150,15 @@ pub(super) fn truthful_text(
     };
     findings
         .iter()
-        .map(|(child, f)| paragraph(tool, said, child, f))
+        .map(|(child, f)| paragraph(who, said, child, f))
         .collect::<Vec<_>>()
         .join("\n\n")
 }
 
-fn paragraph(tool: &str, said: &str, child: &str, f: &Finding) -> String {
+fn paragraph(who: &str, said: &str, child: &str, f: &Finding) -> String {
     match &f.verdict {
         Verdict::Completed { text } => format!(
-            "[taskgate] {tool} reported this task as {said}. Checked with the runtime: child \
+            "[taskgate] {who} reported this task as {said}. Checked with the runtime: child \
              session {child} has now finished, with its whole session tree. The child's final \
              answer:\n\n{}",
             text.as_deref().unwrap_or("(the child wrote no final text)")
@@ -142,22 +173,22 @@ fn paragraph(tool: &str, said: &str, child: &str, f: &Finding) -> String {
             }
             when.push(reason.clone());
             format!(
-                "[taskgate] {tool} reported this task as {said}, but it is NOT finished: child \
+                "[taskgate] {who} reported this task as {said}, but it is NOT finished: child \
                  session {child} is still running ({}). Its result is not available yet; wait \
                  and check again before relying on it.",
                 when.join(", ")
             )
         }
         Verdict::Aborted { session, message } => format!(
-            "[taskgate] {tool} reported this task as {said}, but child session {child} did not \
+            "[taskgate] {who} reported this task as {said}, but child session {child} did not \
              finish its work: session {session} was aborted ({message})."
         ),
         Verdict::Failed { session, message } => format!(
-            "[taskgate] {tool} reported this task as {said}, but child session {child} failed: \
+            "[taskgate] {who} reported this task as {said}, but child session {child} failed: \
              session {session}: {message}."
         ),
         Verdict::Unknown { reason } => format!(
-            "[taskgate] {tool} reported this task as {said}, but taskgate could not confirm it \
+            "[taskgate] {who} reported this task as {said}, but taskgate could not confirm it \
              with the runtime ({reason}). Treat the result as unverified; child session {child} \
              may still be running."
         ),

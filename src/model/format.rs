@@ -1,8 +1,9 @@
 //! The three request formats a model provider is spoken to in, reduced to what the model face
-//! needs: the tool results of the newest turn (with the call that produced each), every tool
-//! result text of the conversation (for `bg_…` launch links), and replacing one result's text.
+//! needs: the tool results and user texts of the newest turn (with the call that produced each
+//! result), every tool result text of the conversation (for `bg_…` launch links), and replacing
+//! a result's text or appending to a user text.
 //!
-//! Pure JSON work, no I/O: the HTTP plumbing lives in [`super::forward`].
+//! Pure JSON work, no I/O: the HTTP plumbing lives in `super::forward`.
 
 use serde_json::{json, Value};
 
@@ -44,6 +45,23 @@ pub enum Slot {
     Block(usize, usize),
 }
 
+/// Where a user-authored text sits: the runtime's injected `<task …>` results and plugin wakes
+/// reach the model as user messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextSlot {
+    /// `messages[i].content` (or `input[i].content`) is the string itself.
+    Whole(usize),
+    /// `…[i].content[j].text`.
+    Part(usize, usize),
+}
+
+/// A user text of the newest turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserText {
+    pub slot: TextSlot,
+    pub text: String,
+}
+
 /// One tool result of the newest turn, with the call it answers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolResult {
@@ -61,6 +79,61 @@ pub fn newest_results(format: Format, body: &Value) -> Vec<ToolResult> {
         Format::OpenAiChat => chat_newest(body),
         Format::OpenAiResponses => responses_newest(body),
         Format::Anthropic => anthropic_newest(body),
+    }
+}
+
+/// The user texts after the model's last output (all of them when the model has not spoken).
+pub fn newest_user_texts(format: Format, body: &Value) -> Vec<UserText> {
+    let list = match format {
+        Format::OpenAiResponses => items(body),
+        Format::OpenAiChat | Format::Anthropic => messages(body),
+    };
+    let start = list
+        .iter()
+        .rposition(|m| is_model_output(format, m))
+        .map_or(0, |last| last + 1);
+    let mut out = Vec::new();
+    for (i, m) in list.iter().enumerate().skip(start) {
+        if role(m) != Some("user") {
+            continue;
+        }
+        match m.get("content") {
+            Some(Value::String(text)) => out.push(UserText {
+                slot: TextSlot::Whole(i),
+                text: text.clone(),
+            }),
+            Some(Value::Array(parts)) => {
+                for (j, part) in parts.iter().enumerate() {
+                    if !matches!(kind(part), Some("text" | "input_text")) {
+                        continue;
+                    }
+                    if let Some(text) = part.get("text").and_then(Value::as_str) {
+                        out.push(UserText {
+                            slot: TextSlot::Part(i, j),
+                            text: text.to_owned(),
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Appends `note` (after a blank line) to the user text at `slot`, keeping what it said.
+pub fn append_note(format: Format, body: &mut Value, slot: TextSlot, note: &str) {
+    let list = match format {
+        Format::OpenAiResponses => "input",
+        Format::OpenAiChat | Format::Anthropic => "messages",
+    };
+    let (pointer, field) = match slot {
+        TextSlot::Whole(i) => (format!("/{list}/{i}"), "content"),
+        TextSlot::Part(i, j) => (format!("/{list}/{i}/content/{j}"), "text"),
+    };
+    if let Some(Value::String(text)) = body.pointer_mut(&pointer).and_then(|t| t.get_mut(field)) {
+        text.push_str("\n\n");
+        text.push_str(note);
     }
 }
 
@@ -157,10 +230,10 @@ fn chat_newest(body: &Value) -> Vec<ToolResult> {
 fn responses_newest(body: &Value) -> Vec<ToolResult> {
     let items = items(body);
     let is_output = |i: &Value| kind(i) == Some("function_call_output");
-    // The model's last output: its calls, reasoning, or an assistant message.
-    let Some(last) = items.iter().rposition(|i| {
-        matches!(kind(i), Some("function_call" | "reasoning")) || role(i) == Some("assistant")
-    }) else {
+    let Some(last) = items
+        .iter()
+        .rposition(|i| is_model_output(Format::OpenAiResponses, i))
+    else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -230,6 +303,13 @@ fn anthropic_newest(body: &Value) -> Vec<ToolResult> {
 }
 
 // === helpers ===
+
+/// Something the model produced: an assistant message, or (responses) a call or reasoning item.
+fn is_model_output(format: Format, v: &Value) -> bool {
+    role(v) == Some("assistant")
+        || (format == Format::OpenAiResponses
+            && matches!(kind(v), Some("function_call" | "reasoning")))
+}
 
 fn messages(body: &Value) -> &[Value] {
     body.get("messages")
@@ -382,6 +462,28 @@ mod tests {
         replace(&mut body, Slot::Block(2, 0), "truth", false);
         assert_eq!(body["messages"][2]["content"][0]["content"], "truth");
         assert!(body["messages"][2]["content"][0].get("is_error").is_none());
+    }
+
+    #[test]
+    fn user_texts_of_the_newest_turn_get_a_note_appended() {
+        let mut body = json!({"messages": [
+            {"role": "user", "content": "old"},
+            {"role": "assistant", "content": "launched"},
+            {"role": "user", "content": [{"type": "text", "text": "[ALL BACKGROUND TASKS COMPLETE]"}]},
+            {"role": "user", "content": "more"},
+        ]});
+        let texts = newest_user_texts(Format::Anthropic, &body);
+        assert_eq!(
+            texts.iter().map(|t| t.slot).collect::<Vec<_>>(),
+            [TextSlot::Part(2, 0), TextSlot::Whole(3)]
+        );
+        append_note(Format::Anthropic, &mut body, TextSlot::Part(2, 0), "note");
+        assert_eq!(
+            body["messages"][2]["content"][0]["text"],
+            "[ALL BACKGROUND TASKS COMPLETE]\n\nnote"
+        );
+        let first = json!({"input": [{"role": "user", "content": "hi"}]});
+        assert_eq!(newest_user_texts(Format::OpenAiResponses, &first).len(), 1);
     }
 
     #[test]

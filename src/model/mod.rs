@@ -7,10 +7,10 @@
 //!
 //! Each request is forwarded to the real provider chosen by its path prefix (`/openai-chat`,
 //! `/openai-responses`, `/anthropic`). A `POST` of JSON to `…/chat/completions`, `…/responses`
-//! or `…/messages` is read; if its newest tool results claim a child is done and the runtime
-//! does not confirm it, the request is held until the child's tree is terminal (at most
-//! `model.max_hold`) and forwarded with those results replaced by the truth. Everything else,
-//! and every response, streams through untouched.
+//! or `…/messages` is read; if its newest tool results (or user texts: injected results, plugin
+//! wakes) claim a child is done and the runtime does not confirm it, the request is held until
+//! the child's tree is terminal (at most `model.max_hold`) and forwarded with those results
+//! replaced by the truth. Everything else, and every response, streams through untouched.
 //!
 //! Module map: [`format`] (the three request formats, pure), `check` (claims → verdicts →
 //! truthful text), [`truth`] (the oracle behind a trait), `forward` (the HTTP path).
