@@ -12,8 +12,8 @@
 //! the child's tree is terminal (at most `model.max_hold`) and forwarded with those results
 //! replaced by the truth. Everything else, and every response, streams through untouched.
 //!
-//! Module map: [`format`](mod@format) (the three request formats, pure), `check` (claims → verdicts →
-//! truthful text), [`truth`] (the oracle behind a trait), `forward` (the HTTP path).
+//! Module map: [`format`](mod@format) (the three request formats, pure), `check` (claims →
+//! verdicts → truthful text), [`truth`] (the oracle behind a trait), `forward` (the HTTP path).
 
 mod check;
 pub mod format;
