@@ -1,8 +1,9 @@
-//! The decision for one model request: which newest tool results claim a child is done, whether
-//! the runtime confirms each, and the truthful text for those it does not.
+//! The decision for one model request: which newest tool results and user texts claim a child is
+//! done, whether the runtime confirms each, and the truthful text for those it does not.
 //!
-//! Recognition is [`claims::tool_result`]'s (the one place that knows claim formats); linking
-//! `bg_…` ids goes through [`claims::launches`] on the conversation's earlier tool results.
+//! Recognition is [`claims::tool_result`]'s and [`claims::message_text`]'s (the one place that
+//! knows claim formats); linking `bg_…` ids goes through [`claims::launches`] on the
+//! conversation's tool results.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant as StdInstant};
