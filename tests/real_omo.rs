@@ -174,7 +174,7 @@ async fn wait_background_output_part(rt: &Runtime, root: &str) -> Value {
     }
 }
 
-/// The last text the runtime recorded for `session`'s assistant messages.
+/// Every text part of `session`'s assistant messages, as the runtime recorded them.
 async fn assistant_texts(rt: &Runtime, session: &str) -> Vec<String> {
     let msgs = rt.get_json(&format!("/session/{session}/message")).await;
     msgs.as_array()

@@ -226,7 +226,9 @@ fn npm_install(partial: &Path, dir: &Path, what: &str) -> Result<(), String> {
     // `npm ci` cannot be used: the lock lists only the platform packages the registry had when it
     // was written, and `ci` rejects a lock missing optional dependencies. `install` with the lock
     // still pins the versions and checks integrity. Scripts are not needed: the platform package
-    // carries the runtime binary itself, and the plugin's postinstall only prints hints.
+    // carries the runtime binary itself, and the plugin's postinstall only checks versions and
+    // deletes cached plugin copies under the user's own `~/.cache/opencode`, which a test must
+    // not touch.
     let started = Instant::now();
     let out = std::process::Command::new("npm")
         .args(["install", "--no-audit", "--no-fund", "--ignore-scripts"])
