@@ -536,6 +536,19 @@ mod tests {
     }
 
     #[test]
+    fn the_1_15_line_form_is_read_like_the_task_tag() {
+        let launch = format!("task_id: {CHILD} (for polling this task with task_status)\nstate: running\n\n<task_result>\nstarted\n</task_result>");
+        assert_eq!(tool_result(&tools(), "task", &Value::Null, &launch), None);
+        let injected = format!("Background task completed: child job\ntask_id: {CHILD}\nstate: completed\n\n<task_result>x</task_result>");
+        let c = message_text(&injected).unwrap();
+        assert_eq!(
+            (c.source, c.claimed),
+            (Source::Injection, Claimed::Completed)
+        );
+        assert_eq!(c.children, vec![ChildLink::Session(CHILD.into())]);
+    }
+
+    #[test]
     fn injected_results_and_wakes() {
         let injected =
             format!("<task id=\"{CHILD}\" state=\"error\">\n<task_error>boom</task_error></task>");
