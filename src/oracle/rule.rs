@@ -215,16 +215,16 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, St
 }
 
 /// Native launch: a later user message carries `<task id="child" state="completed|error">` (or
-/// the 1.15-era `task_id:`/`state:` lines, see [`legacy_report`]) and an assistant message after
-/// it ended the turn.
+/// the 1.15-era `task_id:`/`state:` lines, which [`task_tags`] reads too; without them every
+/// 1.15 background launch stays "not yet answered", found by `tests/real_taskgate.rs` against
+/// 1.15.0) and an assistant message after it ended the turn.
 fn native_answered(s: &SessionSnapshot, launched_at: usize, child: &str) -> bool {
     let injected = s.messages[launched_at + 1..].iter().position(|m| {
         m.info.is_user()
             && m.parts.iter().filter_map(|p| p.as_text()).any(|t| {
-                legacy_report(&t.text, child)
-                    || task_tags(&t.text).iter().any(|tag| {
-                        tag.id == child && matches!(tag.state.as_str(), "completed" | "error")
-                    })
+                task_tags(&t.text).iter().any(|tag| {
+                    tag.id == child && matches!(tag.state.as_str(), "completed" | "error")
+                })
             })
     });
     injected.is_some_and(|i| {
@@ -232,26 +232,6 @@ fn native_answered(s: &SessionSnapshot, launched_at: usize, child: &str) -> bool
             .iter()
             .any(|m| m.info.ends_turn())
     })
-}
-
-/// The report opencode-ai 1.15.x injects into the parent when a background child ends: no tag,
-/// but `Background task completed: …\ntask_id: ses_child\nstate: completed\n\n<task_result>…`.
-/// Without this, every 1.15 background launch stays "not yet answered" and taskgate holds the
-/// tree until `max_hold` (found by `tests/real_taskgate.rs` against 1.15.0).
-fn legacy_report(text: &str, child: &str) -> bool {
-    let mut lines = text.lines().map(str::trim);
-    while let Some(line) = lines.next() {
-        let names_child = line
-            .strip_prefix("task_id:")
-            .is_some_and(|v| v.split_whitespace().next() == Some(child));
-        if names_child {
-            let state = lines.next().and_then(|l| l.strip_prefix("state:"));
-            if matches!(state.map(str::trim), Some("completed" | "error")) {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// oh-my-opencode launch: the plugin injects nothing the rule can match reliably, so the launch
