@@ -421,51 +421,69 @@ impl Oracle {
     async fn read_tree(&self, root: &SessionRef) -> Result<(Vec<String>, Decision), ClientError> {
         let client = &self.inner.client;
         let directory = root.directory.clone();
-        let statuses = client.statuses(directory.as_deref()).await?;
-        self.inner.state.record_statuses(&statuses);
-        let mut sessions: BTreeMap<String, SessionSnapshot> = BTreeMap::new();
-        let mut queue = vec![root.id.clone()];
-        while let Some(id) = queue.pop() {
-            if sessions.contains_key(&id) || sessions.len() >= MAX_TREE {
-                continue;
-            }
+        let read = |id: String| {
             let r = SessionRef {
-                id: id.clone(),
+                id,
                 directory: directory.clone(),
             };
-            let (info, children, messages) =
-                tokio::join!(client.session(&r), client.children(&r), client.messages(&r));
-            let info = match info {
-                Ok(info) => info,
-                // A child that no longer exists (deleted) cannot hold the tree; a missing root
-                // is an error the caller must see.
-                Err(ClientError::NotFound { .. }) if id != root.id => continue,
-                Err(e) => return Err(e),
-            };
-            let children = match children {
-                Ok(c) => c,
-                Err(ClientError::NotFound { .. }) => Vec::new(),
-                Err(e) => return Err(e),
-            };
-            let messages = messages?;
-            queue.extend(children.into_iter().map(|c| c.id));
-            queue.extend(rule::named_children(&messages));
-            // Children the watcher saw created, in case `/children` does not list them.
-            if let Some(known) = self.inner.state.session(&id) {
-                queue.extend(known.children);
+            async move {
+                let (info, children, messages) =
+                    tokio::join!(client.session(&r), client.children(&r), client.messages(&r));
+                (r.id, info, children, messages)
             }
-            let status = statuses.get(&id).cloned();
-            let seen_busy =
-                self.inner.state.busy_ever(&id) || status.as_ref().is_some_and(|s| !s.is_idle());
-            sessions.insert(
-                id,
-                SessionSnapshot {
-                    info,
-                    status,
-                    seen_busy,
-                    messages,
-                },
-            );
+        };
+        // The status map and the root are read at once, then each level of children at once:
+        // a plain prompt's tree costs one round trip, not two.
+        let (statuses, mut level) = tokio::join!(
+            client.statuses(directory.as_deref()),
+            futures_util::future::join_all([read(root.id.clone())])
+        );
+        let statuses = statuses?;
+        self.inner.state.record_statuses(&statuses);
+        let mut sessions: BTreeMap<String, SessionSnapshot> = BTreeMap::new();
+        loop {
+            let mut next: Vec<String> = Vec::new();
+            for (id, info, children, messages) in level {
+                let info = match info {
+                    Ok(info) => info,
+                    // A child that no longer exists (deleted) cannot hold the tree; a missing
+                    // root is an error the caller must see.
+                    Err(ClientError::NotFound { .. }) if id != root.id => continue,
+                    Err(e) => return Err(e),
+                };
+                let children = match children {
+                    Ok(c) => c,
+                    Err(ClientError::NotFound { .. }) => Vec::new(),
+                    Err(e) => return Err(e),
+                };
+                let messages = messages?;
+                next.extend(children.into_iter().map(|c| c.id));
+                next.extend(rule::named_children(&messages));
+                // Children the watcher saw created, in case `/children` does not list them.
+                if let Some(known) = self.inner.state.session(&id) {
+                    next.extend(known.children);
+                }
+                let status = statuses.get(&id).cloned();
+                let seen_busy = self.inner.state.busy_ever(&id)
+                    || status.as_ref().is_some_and(|s| !s.is_idle());
+                sessions.insert(
+                    id,
+                    SessionSnapshot {
+                        info,
+                        status,
+                        seen_busy,
+                        messages,
+                    },
+                );
+            }
+            next.sort();
+            next.dedup();
+            next.retain(|id| !sessions.contains_key(id));
+            next.truncate(MAX_TREE.saturating_sub(sessions.len()));
+            if next.is_empty() {
+                break;
+            }
+            level = futures_util::future::join_all(next.into_iter().map(read)).await;
         }
         let tree = TreeSnapshot {
             root: root.id.clone(),
