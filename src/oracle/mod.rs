@@ -432,11 +432,24 @@ impl Oracle {
                 (r.id, info, children, messages)
             }
         };
-        // The status map and the root are read at once, then each level of children at once:
-        // a plain prompt's tree costs one round trip, not two.
+        // The status map, the root and every descendant the watcher already knows are read at
+        // once, then any level of children still unknown: a plain prompt's tree, or one whose
+        // children the watcher saw created, costs one round trip.
+        let mut first = vec![root.id.clone()];
+        let mut at = 0;
+        while at < first.len() && first.len() < MAX_TREE {
+            if let Some(known) = self.inner.state.session(&first[at]) {
+                for child in known.children {
+                    if !first.contains(&child) {
+                        first.push(child);
+                    }
+                }
+            }
+            at += 1;
+        }
         let (statuses, mut level) = tokio::join!(
             client.statuses(directory.as_deref()),
-            futures_util::future::join_all([read(root.id.clone())])
+            futures_util::future::join_all(first.into_iter().map(read))
         );
         let statuses = statuses?;
         self.inner.state.record_statuses(&statuses);
