@@ -15,6 +15,7 @@
 //! - [`gate`]: finds completion claims in responses and event streams, holds and releases them.
 //! - [`sim`]: a scripted OpenCode-compatible runtime that shows the bug.
 //! - [`demo`]: the side-by-side demo built on the simulated runtime.
+//! - [`wrap`]: `taskgate wrap -- opencode …`: a private runtime, the proxy and the client in one.
 //! - [`cli`]: the subcommands; `main.rs` only parses and calls them.
 //!
 //! Data flows one way: client → proxy → upstream, and back through the gate, which asks the
@@ -29,3 +30,4 @@ pub mod opencode;
 pub mod oracle;
 pub mod proxy;
 pub mod sim;
+pub mod wrap;
