@@ -119,10 +119,12 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
     };
     let listen = args.listen.clone().unwrap_or(listen);
     let listener = bind(&listen).await?;
-    let proxy_addr = listener.local_addr().map_err(|source| WrapError::PortTaken {
-        addr: listen.clone(),
-        source,
-    })?;
+    let proxy_addr = listener
+        .local_addr()
+        .map_err(|source| WrapError::PortTaken {
+            addr: listen.clone(),
+            source,
+        })?;
     let runtime_port = match runtime_port {
         // The user's own port: taken means the same clear error, before the runtime starts.
         Some(port) => {
@@ -147,9 +149,7 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
     crate::cli::init_tracing(&config);
 
     let runtime_args = match &plan.shape {
-        Shape::Serve { runtime_args, .. } | Shape::Tui { runtime_args, .. } => {
-            runtime_args.clone()
-        }
+        Shape::Serve { runtime_args, .. } | Shape::Tui { runtime_args, .. } => runtime_args.clone(),
         Shape::Run { .. } => Vec::new(),
     };
     let mut runtime = Runtime::start(
@@ -204,14 +204,13 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
             let mut client_args = vec!["run".to_owned(), "--attach".to_owned(), proxy_url];
             client_args.extend(run_args.iter().cloned());
             match attend(&plan.prefix, &client_args, &mut runtime, &mut signals).await {
-                Ok(code) if args.strict => Ok(strict_check(
-                    &config,
-                    session.as_deref(),
-                    dir.as_deref(),
-                    started_ms,
-                )
-                .await
-                .unwrap_or(code)),
+                Ok(code) if args.strict => {
+                    Ok(
+                        strict_check(&config, session.as_deref(), dir.as_deref(), started_ms)
+                            .await
+                            .unwrap_or(code),
+                    )
+                }
                 other => other,
             }
         }
@@ -377,7 +376,13 @@ impl Runtime {
         let (program, prefix_args) = prefix.split_first().ok_or(ShapeError::Empty)?;
         let mut cmd = Command::new(program);
         cmd.args(prefix_args)
-            .args(["serve", "--port", &port.to_string(), "--hostname", "127.0.0.1"])
+            .args([
+                "serve",
+                "--port",
+                &port.to_string(),
+                "--hostname",
+                "127.0.0.1",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(file)
@@ -489,26 +494,22 @@ async fn attend(
             source,
         })?;
     let pid = child_pid(&client);
-    loop {
-        tokio::select! {
-            status = client.wait() => {
-                return Ok(status.map_or(EXIT_RUNTIME, exit_code));
+    tokio::select! {
+        status = client.wait() => Ok(status.map_or(EXIT_RUNTIME, exit_code)),
+        sig = signals.recv() => {
+            if let Some(pid) = pid {
+                kill(pid, sig);
             }
-            sig = signals.recv() => {
-                if let Some(pid) = pid {
-                    kill(pid, sig);
-                }
-                let status = stop_child(&mut client, false, STOP_GRACE).await;
-                return Ok(status.map_or(128 + u8::try_from(sig).unwrap_or(0), exit_code));
+            let status = stop_child(&mut client, false, STOP_GRACE).await;
+            Ok(status.map_or(128 + u8::try_from(sig).unwrap_or(0), exit_code))
+        }
+        status = runtime.child.wait() => {
+            let error = runtime.died(status);
+            if let Some(pid) = pid {
+                kill(pid, libc::SIGTERM);
             }
-            status = runtime.child.wait() => {
-                let error = runtime.died(status);
-                if let Some(pid) = pid {
-                    kill(pid, libc::SIGTERM);
-                }
-                stop_child(&mut client, false, STOP_GRACE).await;
-                return Err(error);
-            }
+            stop_child(&mut client, false, STOP_GRACE).await;
+            Err(error)
         }
     }
 }

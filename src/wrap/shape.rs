@@ -161,9 +161,9 @@ fn read_flag<'a>(
         ));
     }
     if takes_value(word) {
-        let value = args.get(i + 1).ok_or_else(|| ShapeError::MissingValue {
-            flag: word.clone(),
-        })?;
+        let value = args
+            .get(i + 1)
+            .ok_or_else(|| ShapeError::MissingValue { flag: word.clone() })?;
         return Ok((
             Flag {
                 name: word,
@@ -389,7 +389,9 @@ mod tests {
         );
         // A flag's value that looks like a subcommand is not one.
         let p = plan("opencode run --title serve do it");
-        assert!(matches!(p.shape, Shape::Run { ref args, .. } if args == &words("--title serve do it")));
+        assert!(
+            matches!(p.shape, Shape::Run { ref args, .. } if args == &words("--title serve do it"))
+        );
     }
 
     #[test]
@@ -402,7 +404,10 @@ mod tests {
 
     #[test]
     fn package_runners_are_part_of_the_prefix() {
-        assert_eq!(plan("npx opencode-ai run hi").prefix, ["npx", "opencode-ai"]);
+        assert_eq!(
+            plan("npx opencode-ai run hi").prefix,
+            ["npx", "opencode-ai"]
+        );
         assert_eq!(
             plan("npx -y opencode-ai@1.18.33 serve").prefix,
             ["npx", "-y", "opencode-ai@1.18.33"]

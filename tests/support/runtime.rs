@@ -244,6 +244,39 @@ fn kill_group(pid: u32) {
     }
 }
 
+/// A fresh test folder: `home/`, `tmp/` and `project/` with an `opencode.json` pointing every model
+/// at the scripted provider at `provider_base_url`.
+pub fn sandbox_dir(provider_base_url: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("taskgate-real-")
+        .tempdir()
+        .unwrap();
+    for sub in ["home", "project", "tmp"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    let config = json!({
+        "$schema": "https://opencode.ai/config.json",
+        "share": "disabled",
+        "autoupdate": false,
+        "model": "mock/scripted",
+        "small_model": "mock/scripted",
+        "provider": {
+            "mock": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "Scripted mock",
+                "options": {"baseURL": provider_base_url, "apiKey": "not-a-secret"},
+                "models": {"scripted": {"name": "Scripted"}}
+            }
+        }
+    });
+    std::fs::write(
+        dir.path().join("project/opencode.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
 /// How to start a runtime.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeOptions {
@@ -275,33 +308,7 @@ impl Runtime {
         opts: RuntimeOptions,
     ) -> Runtime {
         let started = Instant::now();
-        let dir = tempfile::Builder::new()
-            .prefix("taskgate-real-")
-            .tempdir()
-            .unwrap();
-        for sub in ["home", "project", "tmp"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
-        let config = json!({
-            "$schema": "https://opencode.ai/config.json",
-            "share": "disabled",
-            "autoupdate": false,
-            "model": "mock/scripted",
-            "small_model": "mock/scripted",
-            "provider": {
-                "mock": {
-                    "npm": "@ai-sdk/openai-compatible",
-                    "name": "Scripted mock",
-                    "options": {"baseURL": provider_base_url, "apiKey": "not-a-secret"},
-                    "models": {"scripted": {"name": "Scripted"}}
-                }
-            }
-        });
-        std::fs::write(
-            dir.path().join("project/opencode.json"),
-            serde_json::to_string_pretty(&config).unwrap(),
-        )
-        .unwrap();
+        let dir = sandbox_dir(provider_base_url);
 
         let mut cmd = Command::new(&binary.path);
         cmd.args(["serve", "--port", "0", "--hostname", "127.0.0.1"]);
@@ -501,7 +508,7 @@ impl Drop for Runtime {
 
 /// The environment both the server and `run` get: nothing of the developer's own OpenCode set-up
 /// leaks in, and nothing the runtime writes escapes the test's folder.
-fn isolate(cmd: &mut Command, root: &Path, password: Option<&str>) {
+pub fn isolate(cmd: &mut Command, root: &Path, password: Option<&str>) {
     let home = root.join("home");
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
