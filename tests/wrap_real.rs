@@ -15,7 +15,7 @@ use std::time::Duration;
 use provider::{ScriptedProvider, Turn, CHILD_FAIL_MESSAGE, PARENT_FINAL};
 use runtime::{http_get, runtime_or_skip, sandbox_dir};
 use serde_json::Value;
-use wrap::{alive, descendants, finish, isolated, poll_until, signal, wrap_command};
+use wrap::{alive, descendants, finish, isolated, poll_until, signal, wrap_command, Tmux};
 
 /// How long the buggy direct run may take to exit on its own (observed 1.5–4 s).
 const EARLY_EXIT_WINDOW: Duration = Duration::from_secs(45);
@@ -246,6 +246,76 @@ async fn wrapped_serve_keeps_the_url_and_sigterm_leaves_no_runtime() {
         &format!("runtime processes {runtime_pids:?} to be gone"),
         Duration::from_secs(30),
         || runtime_pids.iter().all(|pid| !alive(*pid)),
+    )
+    .await;
+}
+
+/// The TUI shape: `taskgate wrap -- opencode` on a pseudo-terminal (tmux) shows the runtime's
+/// TUI, attached through the proxy; quitting it (Ctrl-C) ends the wrapper and stops the private
+/// runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrapped_tui_shows_the_tui_and_quitting_stops_the_runtime() {
+    let test = "wrapped_tui_shows_the_tui_and_quitting_stops_the_runtime";
+    let Some(bin) = runtime_or_skip(test) else {
+        return;
+    };
+    if !Tmux::available() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: tmux is required in CI (CI=true)"
+        );
+        eprintln!("SKIPPED {test}: tmux is not installed");
+        return;
+    }
+    let provider = ScriptedProvider::start().await;
+    let sandbox = sandbox_dir(&provider.base_url());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let tmux = Tmux::start(
+        &[
+            wrap::TASKGATE,
+            "wrap",
+            "--listen",
+            &listen,
+            "--",
+            bin.path.to_str().unwrap(),
+        ],
+        sandbox.path(),
+    );
+    let wrapper = tmux.pane_pid().expect("the wrapper runs in the pane");
+
+    // The TUI's home screen: its status line shows the project and the runtime's version.
+    let project = sandbox.path().join("project");
+    let project = project.to_str().unwrap();
+    let mut screen = String::new();
+    poll_until("the TUI to show the project and version", START, || {
+        screen = tmux.screen();
+        screen.contains(project) && screen.contains(&bin.version)
+    })
+    .await;
+    let (status, body) = http_get(&format!("http://{listen}/_taskgate/health"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, hyper::StatusCode::OK, "{body:?}");
+    let runtime: Vec<u32> = descendants(wrapper)
+        .into_iter()
+        .filter(|pid| wrap::cmdline(*pid).contains(" serve "))
+        .collect();
+    assert_eq!(runtime.len(), 1, "one private runtime under the wrapper");
+    let attach: Vec<u32> = descendants(wrapper)
+        .into_iter()
+        .filter(|pid| wrap::cmdline(*pid).contains(&format!(" attach http://{listen}")))
+        .collect();
+    assert_eq!(attach.len(), 1, "the TUI attached to the proxy: {screen}");
+
+    tmux.send_keys("C-c");
+    poll_until(
+        "the wrapper and the runtime to exit after quitting the TUI",
+        Duration::from_secs(30),
+        || !alive(wrapper) && runtime.iter().all(|pid| !alive(*pid)),
     )
     .await;
 }

@@ -118,3 +118,99 @@ pub async fn poll_until(what: &str, deadline: Duration, mut cond: impl FnMut() -
         tokio::time::sleep(Duration::from_millis(100)).await; // poll interval, not a sync
     }
 }
+
+/// A private tmux server (its own socket) running one command in a pseudo-terminal; the server
+/// is killed on drop.
+pub struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    /// Whether tmux can run here.
+    pub fn available() -> bool {
+        std::process::Command::new("tmux")
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Starts `argv` in a detached 120x40 session, from `root/project`, with the harness's
+    /// isolated environment (a fresh tmux server passes its own environment to the pane).
+    pub fn start(argv: &[&str], root: &Path) -> Tmux {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let socket = format!("taskgate-test-{}-{n}", std::process::id());
+        let line = argv
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut cmd = Command::new("tmux");
+        isolate(&mut cmd, root, None);
+        let cmd = cmd.as_std_mut();
+        let status = cmd
+            .args([
+                "-L",
+                &socket,
+                "new-session",
+                "-d",
+                "-x",
+                "120",
+                "-y",
+                "40",
+                &line,
+            ])
+            .current_dir(root.join("project"))
+            .env("TERM", "xterm-256color")
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "tmux new-session failed: {status}");
+        Tmux { socket }
+    }
+
+    fn tmux(&self, args: &[&str]) -> Option<String> {
+        let out = std::process::Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The pane's process (the command started), while the session lives.
+    pub fn pane_pid(&self) -> Option<u32> {
+        self.tmux(&["list-panes", "-F", "#{pane_pid}"])?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// What the terminal shows now, as text.
+    pub fn screen(&self) -> String {
+        self.tmux(&["capture-pane", "-p"]).unwrap_or_default()
+    }
+
+    /// Types `keys` (tmux key names, e.g. `C-c`).
+    pub fn send_keys(&self, keys: &str) {
+        self.tmux(&["send-keys", keys]);
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.tmux(&["kill-server"]);
+    }
+}
+
+/// `/proc/<pid>/cmdline` with spaces between the arguments.
+pub fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
