@@ -155,6 +155,7 @@ async fn strict_wrap_fails_when_a_child_failed() {
         .collect();
     assert_eq!(lines.len(), 1, "one report line: {strict:?}");
     let line = lines[0];
+    eprintln!("strict report: {line}");
     assert!(
         line.contains("child ses_") && line.contains("failed"),
         "the line names the child and what happened: {line}"

@@ -11,7 +11,7 @@
 //! - The runtime is in its own process group (terminal signals do not reach it behind our
 //!   back; a kill reaches its helpers too) and dies with the wrapper even on SIGKILL
 //!   (`PR_SET_PDEATHSIG` on Linux).
-//! - SIGINT/SIGTERM go to the client, then the runtime, each waited for with a bound, then
+//! - SIGINT/SIGTERM/SIGHUP go to the client, then the runtime, each waited for with a bound, then
 //!   killed: no orphan runtime is left behind.
 //! - A runtime that dies is reported with the last lines of its log.
 
@@ -298,10 +298,11 @@ fn exit_code(status: ExitStatus) -> u8 {
     }
 }
 
-/// SIGINT and SIGTERM, as one stream.
+/// SIGINT, SIGTERM and SIGHUP (the terminal went away), as one stream.
 struct Signals {
     int: Signal,
     term: Signal,
+    hup: Signal,
 }
 
 impl Signals {
@@ -315,6 +316,7 @@ impl Signals {
         Ok(Signals {
             int: install(SignalKind::interrupt())?,
             term: install(SignalKind::terminate())?,
+            hup: install(SignalKind::hangup())?,
         })
     }
 
@@ -323,6 +325,7 @@ impl Signals {
         tokio::select! {
             _ = self.int.recv() => libc::SIGINT,
             _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
         }
     }
 }
