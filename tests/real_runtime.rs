@@ -17,7 +17,7 @@ use provider::{
     ScriptedProvider, Turn, CHILD_DONE, CHILD_FAIL_MESSAGE, PARENT_FINAL, PARENT_LAUNCHED,
     PLAIN_ANSWER,
 };
-use runtime::{http_get, runtime_or_skip, Runtime, RuntimeOptions};
+use runtime::{http_get, runtime_or_skip, EventStream, Runtime, RuntimeOptions};
 use serde_json::Value;
 
 /// How long the buggy `run --attach` may take to exit on its own (observed 1.5–4 s).
@@ -149,6 +149,7 @@ async fn direct_run_exits_while_background_child_is_busy() {
 
     // The child holds its model reply open until released: it is busy for as long as the test
     // needs, with no timing involved.
+    let events = EventStream::connect(&format!("{}/event", rt.url()), None).await;
     let prompt = "Delegate this. @bg(CHILD-HOLD-pin do the long work)";
     let run = rt.run(rt.url(), &[], prompt);
     tokio::pin!(run);
@@ -193,6 +194,19 @@ async fn direct_run_exits_while_background_child_is_busy() {
         !out.all().contains(PARENT_FINAL),
         "run printed the parent's last answer although the child was still held: the runtime \
          changed; update this pin. Output: {out:?}"
+    );
+    // What any event subscriber sees: the root announced idle while its child works.
+    events
+        .wait_for("the root's session.idle", SETTLE, |evs| {
+            evs.iter().any(|e| {
+                e["type"] == "session.idle"
+                    && e.pointer("/properties/sessionID") == Some(&root["id"])
+            })
+        })
+        .await;
+    assert!(
+        rt.busy_sessions().await.contains(&child_id),
+        "the child is still busy after the root's idle event"
     );
     // The child's model request may still be on its way when `run` exits.
     provider
@@ -360,22 +374,22 @@ async fn foreground_child_runs_inside_the_parents_turn() {
     assert!(texts.iter().any(|t| t.contains(PARENT_FINAL)), "{texts:?}");
 }
 
-// Through taskgate (issue 6), once `taskgate::proxy::run` is merged, each test above gains a twin
-// that starts the proxy in front of the runtime and attaches `run` to it:
+// Through taskgate (issue 6), once `taskgate::proxy::run` is merged, each scenario above gains a
+// twin that puts the proxy (`runtime::Taskgate`, ready in the support code) in front of the
+// runtime and attaches `run` to it:
 //
-//     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-//     let proxy_url = format!("http://{}", listener.local_addr().unwrap());
-//     let mut config = taskgate::config::Config::defaults();
-//     config.proxy.upstream = rt.url().to_string();
-//     config.upstream_auth.password = opts.password.clone();
-//     let shutdown = tokio_util::sync::CancellationToken::new();
-//     tokio::spawn(taskgate::proxy::run(listener, config, shutdown.clone()));
-//     let out = rt.run(&proxy_url, &[], "Delegate this. @bg(CHILD-WORK-3S do the work)").await;
-//     assert!(out.status.success());
-//     assert!(out.stdout.contains(PARENT_FINAL));       // the parent's last answer is printed
-//     assert!(rt.busy_sessions().await.is_empty());     // and the whole tree was done at exit
+//     let gate = Taskgate::start(&rt, |_config| {}).await;
+//     let events = EventStream::connect(&format!("{}/event", gate.url()), None).await;
+//     let out = rt.run(gate.url(), &[], "Delegate this. @bg(CHILD-WORK-3S do the work)").await;
+//     assert!(out.status.success(), "{out:?}");
+//     assert!(out.stdout.contains(PARENT_FINAL), "{out:?}");  // the parent's last answer
+//     assert!(rt.busy_sessions().await.is_empty());           // the tree was done at exit
+//     // and no root `session.idle` in `events` while a child was busy.
 //
-// Two children: `@bg(CHILD-WORK-2S a) @bg(CHILD-WORK-5S b)` (and swapped), or hold/release by
-// name (`CHILD-HOLD-a`, `CHILD-HOLD-b`) to choose the order; the final answer reads
+// Two children: `@bg(CHILD-WORK-2S a) @bg(CHILD-WORK-5S b)` (and swapped), or `CHILD-HOLD-a` /
+// `CHILD-HOLD-b` released in the chosen order with `provider.release("a")`; the last answer reads
 // `FINAL: parent got the child result (completed=2 error=0)`. A failing child: `@bg(CHILD-FAIL x)`
-// gives `(completed=… error=1)`. A foreground child: `@fg(CHILD-WORK-1S x)`.
+// gives `error=1` (on runtimes since `FAILURE_REPORTED_SINCE`). A foreground child:
+// `@fg(CHILD-WORK-1S x)`. With a password: `RuntimeOptions { password: Some(..), .. }`; the
+// harness gives `run` the password, `Taskgate::start` gives it to taskgate's own reads, and
+// `http_get(gate_url, None)` must get 401.

@@ -107,7 +107,11 @@ pub fn runtime_or_skip(test: &str) -> Option<RuntimeBinary> {
             panic!("{test}: the real OpenCode runtime is required in CI (CI=true): {reason}")
         }
         Err(reason) => {
-            eprintln!(
+            // Written to the stderr handle, not with `eprintln!`, which the test harness captures
+            // (and hides) for passing tests: a skip must be visible.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {test}: real OpenCode runtime unavailable: {reason}. \
                  Install node + npm (or set TASKGATE_OPENCODE_BIN) to run it."
             );
@@ -219,7 +223,9 @@ pub fn install(version: &str) -> Result<RuntimeBinary, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    eprintln!(
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
         "installed opencode-ai@{version} into {} in {:.1?}",
         dir.display(),
         started.elapsed()
@@ -612,4 +618,134 @@ pub async fn http_get(
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, body))
+}
+
+/// taskgate serving in front of a [`Runtime`] on 127.0.0.1:0, stopped on drop. For the
+/// through-taskgate tests (issue 6): `rt.run(gate.url(), &[], prompt)`.
+pub struct Taskgate {
+    url: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), taskgate::proxy::ServeError>>>,
+}
+
+impl Taskgate {
+    /// Starts `taskgate::proxy::run` with the defaults, upstream = `rt`, and the runtime's
+    /// password as taskgate's own upstream credentials; `tweak` adjusts the config first.
+    pub async fn start(
+        rt: &Runtime,
+        tweak: impl FnOnce(&mut taskgate::config::Config),
+    ) -> Taskgate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = taskgate::config::Config::defaults();
+        config.proxy.listen = addr;
+        config.proxy.upstream = rt.url().to_string();
+        config.upstream_auth.password = rt.password.clone();
+        tweak(&mut config);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(taskgate::proxy::run(listener, config, shutdown.clone()));
+        Taskgate {
+            url: format!("http://{addr}"),
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops the proxy and returns how `run` ended (a panic inside it fails the test here).
+    pub async fn stop(mut self) -> Result<(), taskgate::proxy::ServeError> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await.unwrap(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Taskgate {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A subscriber to a server-sent event stream (`/event`, `/global/event`), for asserting what a
+/// client sees: every `data:` line is parsed as JSON and kept in arrival order.
+pub struct EventStream {
+    events: Arc<Mutex<Vec<Value>>>,
+    arrived: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EventStream {
+    /// Opens `GET url` (with `authorization`, if any) and reads it until dropped.
+    pub async fn connect(url: &str, authorization: Option<&str>) -> EventStream {
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let mut req = hyper::Request::get(url).header("accept", "text/event-stream");
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
+        }
+        let resp = client
+            .request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        assert_eq!(resp.status(), StatusCode::OK, "GET {url}");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (ev, notify) = (events.clone(), arrived.clone());
+        let task = tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut buf = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let line = String::from_utf8_lossy(&line);
+                    if let Some(json) = line.trim_end().strip_prefix("data:") {
+                        if let Ok(v) = serde_json::from_str::<Value>(json.trim()) {
+                            ev.lock().unwrap().push(v);
+                            notify.notify_waiters();
+                        }
+                    }
+                }
+            }
+        });
+        EventStream {
+            events,
+            arrived,
+            task,
+        }
+    }
+
+    /// Every event so far, oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for the events so far, panicking after `deadline`.
+    pub async fn wait_for(&self, what: &str, deadline: Duration, pred: impl Fn(&[Value]) -> bool) {
+        let end = Instant::now() + deadline;
+        loop {
+            let notified = self.arrived.notified();
+            if pred(&self.events.lock().unwrap()) {
+                return;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                panic!("events: timed out after {deadline:?} waiting for {what}");
+            }
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
