@@ -320,3 +320,28 @@ async fn wrapped_tui_shows_the_tui_and_quitting_stops_the_runtime() {
     )
     .await;
 }
+
+/// With `OPENCODE_SERVER_PASSWORD` set, the private runtime requires it, taskgate's own reads use
+/// it (the gate, which cannot release without reading the tree, still waits for the child) and
+/// the client passes it through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrapped_run_works_with_a_server_password() {
+    let Some(bin) = runtime_or_skip("wrapped_run_works_with_a_server_password") else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    let sandbox = sandbox_dir(&provider.base_url());
+    let mut cmd = wrap_command(
+        &bin.path,
+        &[],
+        &["run", "Delegate this. @bg(CHILD-WORK-2S short job)"],
+        sandbox.path(),
+    );
+    cmd.env("OPENCODE_SERVER_PASSWORD", "wrap-secret");
+    let out = finish(cmd.spawn().unwrap()).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stdout.contains(PARENT_FINAL),
+        "the gate did not wait behind a password: {out:?}"
+    );
+}
