@@ -204,14 +204,15 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
             let mut client_args = vec!["run".to_owned(), "--attach".to_owned(), proxy_url];
             client_args.extend(run_args.iter().cloned());
             match attend(&plan.prefix, &client_args, &mut runtime, &mut signals).await {
-                Ok(code) if args.strict => {
+                // An interrupted run was not meant to finish: there is nothing to judge.
+                Ok(Ended::Exited(code)) if args.strict => {
                     Ok(
                         strict_check(&config, session.as_deref(), dir.as_deref(), started_ms)
                             .await
                             .unwrap_or(code),
                     )
                 }
-                other => other,
+                other => other.map(Ended::code),
             }
         }
         Shape::Tui {
@@ -238,7 +239,9 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
                 client_args.push("--dir".to_owned());
                 client_args.push(project.display().to_string());
             }
-            attend(&plan.prefix, &client_args, &mut runtime, &mut signals).await
+            attend(&plan.prefix, &client_args, &mut runtime, &mut signals)
+                .await
+                .map(Ended::code)
         }
     };
 
@@ -476,14 +479,29 @@ impl Runtime {
     }
 }
 
-/// Runs the client (`run --attach …` or `attach …`) on the user's terminal and returns its exit
-/// code; signals are passed on to it, and a dying runtime ends it.
+/// How the client ended, with its exit code.
+enum Ended {
+    Exited(u8),
+    /// The wrapper was signalled and passed the signal on.
+    Signalled(u8),
+}
+
+impl Ended {
+    fn code(self) -> u8 {
+        match self {
+            Ended::Exited(code) | Ended::Signalled(code) => code,
+        }
+    }
+}
+
+/// Runs the client (`run --attach …` or `attach …`) on the user's terminal until it exits;
+/// signals are passed on to it, and a dying runtime ends it.
 async fn attend(
     prefix: &[String],
     client_args: &[String],
     runtime: &mut Runtime,
     signals: &mut Signals,
-) -> Result<u8, WrapError> {
+) -> Result<Ended, WrapError> {
     let (program, prefix_args) = prefix.split_first().ok_or(ShapeError::Empty)?;
     // Same process group as the wrapper: it keeps the terminal (the TUI needs it) and gets the
     // terminal's own Ctrl-C like any foreground program.
@@ -498,13 +516,13 @@ async fn attend(
         })?;
     let pid = child_pid(&client);
     tokio::select! {
-        status = client.wait() => Ok(status.map_or(EXIT_RUNTIME, exit_code)),
+        status = client.wait() => Ok(Ended::Exited(status.map_or(EXIT_RUNTIME, exit_code))),
         sig = signals.recv() => {
             if let Some(pid) = pid {
                 kill(pid, sig);
             }
             let status = stop_child(&mut client, false, STOP_GRACE).await;
-            Ok(status.map_or(128 + u8::try_from(sig).unwrap_or(0), exit_code))
+            Ok(Ended::Signalled(status.map_or(128 + u8::try_from(sig).unwrap_or(0), exit_code)))
         }
         status = runtime.child.wait() => {
             let error = runtime.died(status);
