@@ -33,13 +33,16 @@ async fn wrapped_run_waits_for_the_background_child_and_prints_the_last_answer()
         return;
     };
     let provider = ScriptedProvider::start().await;
+    // One folder (HOME) per run: a run killed while the runtime installs its plugin in the
+    // background can leave a lock that stalls the next runtime sharing that HOME.
+    let direct_sandbox = sandbox_dir(&provider.base_url());
     let sandbox = sandbox_dir(&provider.base_url());
 
     // Without the wrapper: `run` exits while the child is held (nothing is released yet).
     let direct = isolated(
         &bin.path,
         &["run", "Delegate this. @bg(CHILD-HOLD-direct long work)"],
-        sandbox.path(),
+        direct_sandbox.path(),
     )
     .spawn()
     .unwrap();
@@ -68,6 +71,7 @@ async fn wrapped_run_waits_for_the_background_child_and_prints_the_last_answer()
     )
     .spawn()
     .unwrap();
+    let started = std::time::Instant::now();
     let before = provider.chat_requests().len();
     let launched = |reqs: &[provider::RecordedRequest]| {
         let chats: Vec<_> = reqs
@@ -87,10 +91,12 @@ async fn wrapped_run_waits_for_the_background_child_and_prints_the_last_answer()
             launched,
         )
         .await;
+    let waited = started.elapsed();
     provider.release("wrapped");
     let out = finish(wrapped).await;
     eprintln!(
-        "direct run exited after {:.1?}; wrapped run after {:.1?}",
+        "direct run exited after {:.1?}; wrapped child launched after {waited:.1?}, \
+         the run exited {:.1?} after its release",
         direct.elapsed, out.elapsed
     );
     assert!(out.status.success(), "wrapped run: {out:?}");
@@ -113,8 +119,10 @@ async fn strict_wrap_fails_when_a_child_failed() {
     let sandbox = sandbox_dir(&provider.base_url());
     let prompt = "Delegate this. @bg(CHILD-FAIL broken job)";
 
+    // Its own folder (HOME), as in the test above.
+    let plain_sandbox = sandbox_dir(&provider.base_url());
     let plain = finish(
-        isolated(&bin.path, &["run", prompt], sandbox.path())
+        isolated(&bin.path, &["run", prompt], plain_sandbox.path())
             .spawn()
             .unwrap(),
     )
