@@ -202,6 +202,10 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
         } => {
             let started_ms = now_ms();
             let mut client_args = vec!["run".to_owned(), "--attach".to_owned(), proxy_url];
+            if let Some(dir) = dir {
+                client_args.push("--dir".to_owned());
+                client_args.push(absolute(dir).display().to_string());
+            }
             client_args.extend(run_args.iter().cloned());
             match attend(&plan.prefix, &client_args, &mut runtime, &mut signals).await {
                 // An interrupted run was not meant to finish: there is nothing to judge.
@@ -235,9 +239,8 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
                 .iter()
                 .any(|a| a == "--dir" || a.starts_with("--dir="));
             if let (Some(project), false) = (project, has_dir) {
-                let project = std::path::absolute(project).unwrap_or_else(|_| project.clone());
                 client_args.push("--dir".to_owned());
-                client_args.push(project.display().to_string());
+                client_args.push(absolute(project).display().to_string());
             }
             attend(&plan.prefix, &client_args, &mut runtime, &mut signals)
                 .await
@@ -283,6 +286,11 @@ async fn free_port() -> Result<u16, WrapError> {
 /// One log per wrapper process, in the temporary directory, kept after exit for a post-mortem.
 fn log_path() -> PathBuf {
     std::env::temp_dir().join(format!("taskgate-wrap-{}.log", std::process::id()))
+}
+
+/// `path` from the wrapper's working directory (as given if that cannot be read).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 fn now_ms() -> i64 {
@@ -544,12 +552,7 @@ async fn strict_check(
     started_ms: i64,
 ) -> Option<u8> {
     let oracle = Oracle::new(config);
-    let directory = dir.map(|d| {
-        std::path::absolute(d)
-            .unwrap_or_else(|_| d.to_owned())
-            .display()
-            .to_string()
-    });
+    let directory = dir.map(|d| absolute(d).display().to_string());
     let roots: Vec<String> = match session {
         Some(id) => vec![id.to_owned()],
         None => match oracle.client().sessions(directory.as_deref()).await {

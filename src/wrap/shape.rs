@@ -48,11 +48,11 @@ pub enum Shape {
     Run {
         /// `run --port N`: the port of the runtime `run` would have started itself.
         runtime_port: Option<u16>,
-        /// `run --dir D`: the runtime starts there (and `run` keeps the flag).
+        /// `run --dir D`: the runtime starts there, and `run` is given it as an absolute path.
         dir: Option<PathBuf>,
         /// `run --session S`: the session the run continues (for `--strict`).
         session: Option<String>,
-        /// Everything after `run` but `--port`, as given.
+        /// Everything after `run` but `--port` and `--dir`, as given.
         args: Vec<String>,
     },
     /// `opencode [project] [TUI args]`.
@@ -258,7 +258,12 @@ fn run(args: &[String]) -> Result<Shape, ShapeError> {
     let mut kept = Vec::new();
     let mut i = 0;
     while i < args.len() {
-        if args[i] == "--" || !args[i].starts_with('-') {
+        if args[i] == "--" {
+            // Everything after `--` is the message, whatever it looks like.
+            kept.extend(args[i..].iter().cloned());
+            break;
+        }
+        if !args[i].starts_with('-') {
             kept.push(args[i].clone());
             i += 1;
             continue;
@@ -267,10 +272,9 @@ fn run(args: &[String]) -> Result<Shape, ShapeError> {
         match flag.name {
             "--attach" => return Err(ShapeError::AlreadyAttached),
             "--port" => runtime_port = Some(port(&flag)?),
-            "--dir" => {
-                dir = flag.value.clone().map(PathBuf::from);
-                kept.extend(flag.words);
-            }
+            // Passed on by the caller as an absolute path: with `--attach` it names a
+            // directory on the server, which resolves a relative one from its own cwd.
+            "--dir" => dir = flag.value.clone().map(PathBuf::from),
             "-s" | "--session" => {
                 session = flag.value.clone();
                 kept.extend(flag.words);
@@ -384,8 +388,12 @@ mod tests {
                 runtime_port: Some(7000),
                 dir: Some(PathBuf::from("/p")),
                 session: Some("ses_1".into()),
-                args: words("--format json --dir /p -s ses_1 hello world"),
+                args: words("--format json -s ses_1 hello world"),
             }
+        );
+        let p = plan("opencode run --model a/b -- --port 1 is text");
+        assert!(
+            matches!(p.shape, Shape::Run { runtime_port: None, ref args, .. } if args == &words("--model a/b -- --port 1 is text"))
         );
         // A flag's value that looks like a subcommand is not one.
         let p = plan("opencode run --title serve do it");
