@@ -351,7 +351,7 @@ async fn wrapped_run_works_with_a_server_password() {
     let sandbox = sandbox_dir(&provider.base_url());
     let mut cmd = wrap_command(
         &bin.path,
-        &[],
+        &["-v"],
         &["run", "Delegate this. @bg(CHILD-WORK-2S short job)"],
         sandbox.path(),
     );
@@ -362,4 +362,24 @@ async fn wrapped_run_works_with_a_server_password() {
         out.stdout.contains(PARENT_FINAL),
         "the gate did not wait behind a password: {out:?}"
     );
+    // `-v` names the runtime's log, which holds the runtime's own output (and not the run's).
+    let log = out
+        .stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("taskgate wrap: runtime ")?
+                .split(", log ")
+                .nth(1)
+        })
+        .unwrap_or_else(|| panic!("-v prints the runtime's log: {out:?}"));
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(
+        text.contains("opencode server listening on http://127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("OPENCODE_SERVER_PASSWORD is not set"),
+        "{text}"
+    );
+    assert!(!text.contains(PARENT_FINAL), "{text}");
 }
