@@ -136,7 +136,7 @@ impl Tmux {
             .is_ok_and(|s| s.success())
     }
 
-    /// Starts `argv` in a detached 120x40 session, from `root/project`, with the harness's
+    /// Starts `argv` in a detached 200x50 session, from `root/project`, with the harness's
     /// isolated environment (a fresh tmux server passes its own environment to the pane).
     pub fn start(argv: &[&str], root: &Path) -> Tmux {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -157,9 +157,9 @@ impl Tmux {
                 "new-session",
                 "-d",
                 "-x",
-                "120",
+                "200",
                 "-y",
-                "40",
+                "50",
                 &line,
             ])
             .current_dir(root.join("project"))
