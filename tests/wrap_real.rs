@@ -174,6 +174,57 @@ async fn strict_wrap_fails_when_a_child_failed() {
     );
 }
 
+/// `taskgate wrap -- opencode serve --port N` on a free N, once `/_taskgate/health` says the
+/// runtime answers.
+struct WrappedServe {
+    wrapper: tokio::process::Child,
+    pid: u32,
+    url: String,
+    health: Value,
+    /// The wrapper's descendants then: the runtime and its helpers.
+    runtime_pids: Vec<u32>,
+}
+
+impl WrappedServe {
+    async fn start(bin: &runtime::RuntimeBinary, root: &std::path::Path) -> WrappedServe {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let port_arg = port.to_string();
+        let wrapper = wrap_command(&bin.path, &[], &["serve", "--port", &port_arg], root)
+            .spawn()
+            .unwrap();
+        let pid = wrapper.id().unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let end = std::time::Instant::now() + START;
+        let health: Value = loop {
+            if let Ok(Ok((hyper::StatusCode::OK, body))) = tokio::time::timeout(
+                Duration::from_secs(3),
+                http_get(&format!("{url}/_taskgate/health"), None),
+            )
+            .await
+            {
+                break serde_json::from_slice(&body).unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "wrapped serve not healthy within {START:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
+        };
+        let runtime_pids = descendants(pid);
+        assert!(!runtime_pids.is_empty(), "the wrapper started no runtime");
+        WrappedServe {
+            wrapper,
+            pid,
+            url,
+            health,
+            runtime_pids,
+        }
+    }
+}
+
 /// `taskgate wrap -- opencode serve --port N` keeps the runtime's address for its clients:
 /// `opencode run --attach http://127.0.0.1:N` waits for the tree; `/_taskgate/health` names the
 /// runtime's log; SIGTERM to the wrapper leaves no runtime process behind.
@@ -185,45 +236,14 @@ async fn wrapped_serve_keeps_the_url_and_sigterm_leaves_no_runtime() {
     };
     let provider = ScriptedProvider::start().await;
     let sandbox = sandbox_dir(&provider.base_url());
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let port_arg = port.to_string();
-    let wrapper = wrap_command(
-        &bin.path,
-        &[],
-        &["serve", "--port", &port_arg],
-        sandbox.path(),
-    )
-    .spawn()
-    .unwrap();
-    let wrapper_pid = wrapper.id().unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-
-    // Up when taskgate's health says the runtime answers.
-    let end = std::time::Instant::now() + START;
-    let health: Value = loop {
-        if let Ok(Ok((hyper::StatusCode::OK, body))) = tokio::time::timeout(
-            Duration::from_secs(3),
-            http_get(&format!("{url}/_taskgate/health"), None),
-        )
-        .await
-        {
-            break serde_json::from_slice(&body).unwrap();
-        }
-        assert!(
-            std::time::Instant::now() < end,
-            "wrapped serve not healthy within {START:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
-    };
-    let log = health["upstream"]["log"]
+    let serve = WrappedServe::start(&bin, sandbox.path()).await;
+    let (wrapper, wrapper_pid, url) = (serve.wrapper, serve.pid, serve.url);
+    let runtime_pids = serve.runtime_pids;
+    let log = serve.health["upstream"]["log"]
         .as_str()
-        .expect("health names the runtime log");
-    assert!(std::path::Path::new(log).exists(), "{health}");
-    let runtime_pids = descendants(wrapper_pid);
-    assert!(!runtime_pids.is_empty(), "the wrapper started no runtime");
+        .expect("health names the runtime log")
+        .to_owned();
+    assert!(std::path::Path::new(&log).exists(), "{}", serve.health);
 
     let client = isolated(
         &bin.path,
@@ -242,7 +262,7 @@ async fn wrapped_serve_keeps_the_url_and_sigterm_leaves_no_runtime() {
     assert!(
         out.stdout.contains(PARENT_FINAL),
         "run --attach through the wrapper did not wait for the tree: {out:?}\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
 
     // Whatever the runtime started meanwhile (helpers) counts too.
@@ -384,4 +404,26 @@ async fn wrapped_run_works_with_a_server_password() {
         "{text}"
     );
     assert!(!text.contains(PARENT_FINAL), "{text}");
+}
+
+/// A wrapper killed outright (SIGKILL: no chance to clean up) still takes its private runtime
+/// with it (the runtime's parent-death signal), so not even a crash leaves an orphan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_wrapper_takes_its_runtime_with_it() {
+    let Some(bin) = runtime_or_skip("a_killed_wrapper_takes_its_runtime_with_it") else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    let sandbox = sandbox_dir(&provider.base_url());
+    let serve = WrappedServe::start(&bin, sandbox.path()).await;
+    signal(serve.pid, libc::SIGKILL);
+    let killed = finish(serve.wrapper).await;
+    assert!(killed.status.code().is_none(), "{killed:?}");
+    let pids = serve.runtime_pids;
+    poll_until(
+        &format!("runtime processes {pids:?} to be gone"),
+        Duration::from_secs(30),
+        || pids.iter().all(|pid| !alive(*pid)),
+    )
+    .await;
 }
