@@ -22,7 +22,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy in front of `opencode serve`.
+    /// Run the proxy in front of `opencode serve` (and the model face, with `[model] enabled`).
     Serve {
         #[command(flatten)]
         common: CommonArgs,
@@ -194,13 +194,49 @@ async fn serve(common: CommonArgs) -> ExitCode {
         }
     };
     tracing::info!(listen = %config.proxy.listen, upstream = %config.proxy.upstream, "taskgate serving");
-    match crate::proxy::run(listener, config, shutdown_on_signal()).await {
+    let shutdown = shutdown_on_signal();
+    // `[model] enabled`: the model face runs beside the client face, on its own listener, and
+    // stops with it.
+    let model = if config.model.enabled {
+        let listen = config.model.listen;
+        let model_listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("taskgate: cannot listen on {listen} (model.listen): {e}");
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(%listen, "model face serving");
+        Some(tokio::spawn(crate::model::run(
+            model_listener,
+            config.clone(),
+            shutdown.clone(),
+        )))
+    } else {
+        None
+    };
+    let mut code = match crate::proxy::run(listener, config, shutdown.clone()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("taskgate: {e}");
             ExitCode::from(1)
         }
+    };
+    if let Some(model) = model {
+        shutdown.cancel();
+        match model.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                eprintln!("taskgate: {e}");
+                code = ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("taskgate: model face: {e}");
+                code = ExitCode::from(1);
+            }
+        }
     }
+    code
 }
 
 async fn sim(args: SimArgs) -> ExitCode {

@@ -28,6 +28,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TASKGATE_SETTLE_WINDOW", "gate.settle_window"),
     ("TASKGATE_MAX_HOLD", "gate.max_hold"),
     ("TASKGATE_POLL_INTERVAL", "oracle.poll_interval"),
+    ("TASKGATE_MODEL", "model.enabled"),
+    ("TASKGATE_MODEL_LISTEN", "model.listen"),
     ("TASKGATE_LOG", "log.filter"),
     ("TASKGATE_LOG_FORMAT", "log.format"),
 ];
@@ -91,6 +93,7 @@ pub struct Config {
     pub upstream_auth: UpstreamAuth,
     pub oracle: OracleConfig,
     pub gate: GateConfig,
+    pub model: ModelConfig,
     pub log: LogConfig,
 }
 
@@ -233,6 +236,66 @@ impl Default for GateConfig {
     }
 }
 
+/// `[model]`: the model face, a second listener between the runtime and its model provider.
+/// The runtime's provider `baseURL` points here; requests whose newest tool results claim a
+/// child is done are held until the runtime confirms it, then forwarded with the truth.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Off by default: it only works once the runtime's provider points at it.
+    pub enabled: bool,
+    /// Where the runtime's provider requests arrive.
+    pub listen: SocketAddr,
+    /// The runtime the oracle asks about children; unset means `proxy.upstream`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// Real provider behind `/openai-chat` (OpenAI chat completions), with its path prefix.
+    pub openai_chat: String,
+    /// Real provider behind `/openai-responses` (OpenAI responses).
+    pub openai_responses: String,
+    /// Real provider behind `/anthropic` (Anthropic messages).
+    pub anthropic: String,
+    /// Tool names whose results can claim a child is done (an `mcp_` prefix also matches).
+    pub claim_tools: Vec<String>,
+    /// Longest a model request is held. Must stay below the runtime's provider timeouts
+    /// (OpenCode: `provider.<id>.options.timeout` and `headerTimeout`, 300 s by default), or
+    /// the runtime gives up on the request, and the model never reads anything.
+    pub max_hold: HumanDuration,
+    /// Largest request body read to look for claims; a larger one is forwarded unread.
+    pub inspect_limit_bytes: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 4098)),
+            runtime: None,
+            openai_chat: "https://api.openai.com/v1".to_owned(),
+            openai_responses: "https://api.openai.com/v1".to_owned(),
+            anthropic: "https://api.anthropic.com/v1".to_owned(),
+            claim_tools: [
+                "background_output",
+                "mcp_background_output",
+                "TaskOutput",
+                "task_status",
+                "task",
+            ]
+            .map(String::from)
+            .to_vec(),
+            max_hold: HumanDuration(Duration::from_secs(240)),
+            inspect_limit_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The runtime the model face's oracle reads: `model.runtime`, else the client face's.
+    pub fn runtime_url<'a>(&'a self, proxy: &'a ProxyConfig) -> &'a str {
+        self.runtime.as_deref().unwrap_or(&proxy.upstream)
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -266,6 +329,7 @@ struct RawConfig {
     upstream_auth: UpstreamAuth,
     oracle: OracleConfig,
     gate: GateConfig,
+    model: ModelConfig,
     log: LogConfig,
 }
 
@@ -364,6 +428,7 @@ impl Config {
             upstream_auth: raw.upstream_auth,
             oracle: raw.oracle,
             gate: raw.gate,
+            model: raw.model,
             log: raw.log,
         };
         config.validate()?;
@@ -415,6 +480,7 @@ impl Config {
                 format!("tool names must not be empty (got {name:?})"),
             ));
         }
+        self.validate_model()?;
         if self.upstream_auth.username.is_empty() {
             return Err(ConfigError::invalid(
                 "upstream_auth.username",
@@ -423,6 +489,40 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| ConfigError::invalid("log.filter", format!("invalid filter: {e}")))?;
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<(), ConfigError> {
+        let model = &self.model;
+        if let Some(runtime) = &model.runtime {
+            upstream_authority(runtime)
+                .map_err(|message| ConfigError::invalid("model.runtime", message))?;
+        }
+        for (key, url) in [
+            ("model.openai_chat", &model.openai_chat),
+            ("model.openai_responses", &model.openai_responses),
+            ("model.anthropic", &model.anthropic),
+        ] {
+            provider_url(url).map_err(|message| ConfigError::invalid(key, message))?;
+        }
+        if model.max_hold.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "model.max_hold",
+                "must be more than 0s (and below the runtime's provider timeout, 300s by default)",
+            ));
+        }
+        if model.inspect_limit_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "model.inspect_limit_bytes",
+                "must be at least 1",
+            ));
+        }
+        if let Some(name) = model.claim_tools.iter().find(|n| n.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "model.claim_tools",
+                format!("tool names must not be empty (got {name:?})"),
+            ));
+        }
         Ok(())
     }
 
@@ -454,6 +554,33 @@ pub fn upstream_authority(upstream: &str) -> Result<http::uri::Authority, String
         ));
     }
     Ok(authority)
+}
+
+/// Checks that `url` is an `http://` or `https://` URL with a host (a path prefix such as `/v1`
+/// is kept) and returns it parsed. Model providers are public HTTPS APIs as often as local
+/// HTTP servers, unlike the runtime.
+pub fn provider_url(url: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = url.parse().map_err(|e| {
+        format!("{url:?} is not a URL ({e}); expected e.g. \"https://api.openai.com/v1\"")
+    })?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        other => {
+            return Err(format!(
+                "{url:?}: only http:// and https:// providers are supported (got scheme {:?})",
+                other.unwrap_or("none")
+            ))
+        }
+    }
+    if uri.authority().is_none() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!(
+            "{url:?}: a query is not supported in a provider URL"
+        ));
+    }
+    Ok(uri)
 }
 
 fn parse_table(name: &str, text: &str) -> Result<toml::Table, ConfigError> {
@@ -573,5 +700,22 @@ mod tests {
         assert!(shown.contains("<redacted>"), "{shown}");
         let plain = Config::load_with_env(None, &Overrides::default(), no_env).unwrap();
         assert!(plain.upstream_auth.password.is_none());
+    }
+
+    #[test]
+    fn model_runtime_defaults_to_the_client_face_upstream() {
+        let c = Config::defaults();
+        assert!(!c.model.enabled);
+        assert_eq!(c.model.runtime_url(&c.proxy), "http://127.0.0.1:4096");
+        let c = Config::from_toml_str("t", "[model]\nruntime = \"http://127.0.0.1:9\"\n").unwrap();
+        assert_eq!(c.model.runtime_url(&c.proxy), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn bad_model_provider_url_is_named() {
+        let err = Config::from_toml_str("t", "[model]\nanthropic = \"ftp://x/v1\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("model.anthropic"), "{err}");
+        let err = Config::from_toml_str("t", "[model]\nmax_hold = \"0s\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("model.max_hold"), "{err}");
     }
 }

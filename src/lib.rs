@@ -14,6 +14,7 @@
 //!   the terminal rule (one pure function).
 //! - [`gate`]: finds completion claims in responses and event streams, holds and releases them.
 //! - [`sim`]: a scripted OpenCode-compatible runtime that shows the bug.
+//! - [`model`]: the model face, between the runtime and its model provider (issue 9).
 //! - [`demo`]: the side-by-side demo built on the simulated runtime.
 //! - [`wrap`]: `taskgate wrap -- opencode …`: a private runtime, the proxy and the client in one.
 //! - [`cli`]: the subcommands; `main.rs` only parses and calls them.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod demo;
 pub mod gate;
 pub mod metrics;
+pub mod model;
 pub mod opencode;
 pub mod oracle;
 pub mod proxy;

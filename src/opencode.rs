@@ -489,7 +489,9 @@ pub struct TaskTag {
     pub state: String,
 }
 
-/// Every `<task id="…" state="…">` opening tag in `text`, in order. Attribute order is free.
+/// Every task report in `text`, in order: each `<task id="…" state="…">` opening tag (1.17 and
+/// later; attribute order is free), then the 1.15 line form `task_id: ses_… (…)` with a
+/// `state: …` line (launch results and injected results of that era alike).
 pub fn task_tags(text: &str) -> Vec<TaskTag> {
     let mut tags = Vec::new();
     let mut rest = text;
@@ -501,6 +503,19 @@ pub fn task_tags(text: &str) -> Vec<TaskTag> {
             tags.push(TaskTag { id, state });
         }
         rest = &after[end..];
+    }
+    let line = |key: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+    };
+    if let (Some(id), Some(state)) = (line("task_id:"), line("state:")) {
+        if id.starts_with("ses_") && !tags.iter().any(|t| t.id == id) {
+            tags.push(TaskTag {
+                id: id.to_owned(),
+                state: state.to_owned(),
+            });
+        }
     }
     tags
 }

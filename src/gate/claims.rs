@@ -11,6 +11,8 @@
 
 use serde_json::Value;
 
+use crate::opencode::{self, TaskTag};
+
 /// What a claim says about its child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -150,7 +152,7 @@ pub fn tool_part(tools: &ClaimTools, part: &Value) -> Option<Claim> {
         }
         // The part itself says done: a background launch, or a foreground child whose output
         // format is not recognised. Either way the child must be terminal for it to be true.
-        let child = meta_session.or_else(|| task_tag(output).map(|(id, _)| id))?;
+        let child = meta_session.or_else(|| first_task_tag(output).map(|t| t.id))?;
         return Some(Claim {
             source: Source::Task,
             claimed: if status == "error" {
@@ -169,12 +171,12 @@ pub fn tool_part(tools: &ClaimTools, part: &Value) -> Option<Claim> {
 /// Recognises a message text as a claim: the runtime's injected result and oh-my-opencode's
 /// wake-ups. Only user-role texts carry these.
 pub fn message_text(text: &str) -> Option<Claim> {
-    if let Some((id, state)) = task_tag(text) {
-        if let Some(claimed) = claimed_word(&state) {
+    if let Some(tag) = first_task_tag(text) {
+        if let Some(claimed) = claimed_word(&tag.state) {
             return Some(Claim {
                 source: Source::Injection,
                 claimed,
-                children: vec![ChildLink::Session(id)],
+                children: vec![ChildLink::Session(tag.id)],
             });
         }
     }
@@ -211,17 +213,12 @@ pub fn launches(output: &str, metadata: Option<&Value>) -> Vec<(String, String)>
             out.push((bg.to_owned(), ses.to_owned()));
         }
     }
-    let bg = line_value(output, "background_task_id:")
-        .or_else(|| line_value(output, "Background Task ID:"))
-        .or_else(|| line_value(output, "Task ID:"))
-        .filter(|v| v.starts_with("bg_"));
-    let ses = line_value(output, "session_id:")
-        .or_else(|| line_value(output, "Session ID:"))
-        .filter(|v| v.starts_with("ses_"));
-    if let (Some(bg), Some(ses)) = (bg, ses) {
-        let pair = (bg.to_owned(), ses.to_owned());
-        if !out.contains(&pair) {
-            out.push(pair);
+    if let Some(launch) = opencode::omo_launch(output) {
+        if let Some(bg) = launch.background_task_id {
+            let pair = (bg, launch.session_id);
+            if !out.contains(&pair) {
+                out.push(pair);
+            }
         }
     }
     out
@@ -232,12 +229,12 @@ pub fn launches(output: &str, metadata: Option<&Value>) -> Vec<(String, String)>
 /// OpenCode `task` output: `<task id="ses_…" state="completed|error">` (1.18), or the older
 /// `task_id: ses_…` + `<task_result>` form, which only appears once the child returned.
 fn task_output(output: &str) -> Option<Claim> {
-    if let Some((id, state)) = task_tag(output) {
-        let claimed = claimed_word(&state)?;
+    if let Some(tag) = first_task_tag(output) {
+        let claimed = claimed_word(&tag.state)?;
         return Some(Claim {
             source: Source::Task,
             claimed,
-            children: vec![ChildLink::Session(id)],
+            children: vec![ChildLink::Session(tag.id)],
         });
     }
     if output.contains("<task_result>") {
@@ -344,6 +341,11 @@ fn supervised(text: &str) -> Option<Claim> {
 
 // === helpers ===
 
+/// The first `<task id="…" state="…">` tag (the runtime's own format, parsed in [`opencode`]).
+fn first_task_tag(text: &str) -> Option<TaskTag> {
+    opencode::task_tags(text).into_iter().next()
+}
+
 fn add_session(claim: &mut Claim, session: Option<String>) {
     if let Some(s) = session {
         let link = ChildLink::Session(s);
@@ -370,24 +372,6 @@ fn claimed_word(word: &str) -> Option<Claimed> {
         }
         _ => None,
     }
-}
-
-/// The `id` and `state` attributes of the first `<task id="…" state="…">` tag.
-pub fn task_tag(text: &str) -> Option<(String, String)> {
-    let start = text.find("<task ")?;
-    let rest = &text[start..];
-    let end = rest.find('>')?;
-    let tag = &rest[..end];
-    let id = attr(tag, "id")?;
-    let state = attr(tag, "state").unwrap_or_default();
-    Some((id.to_owned(), state.to_owned()))
-}
-
-fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
-    let needle = format!(" {name}=\"");
-    let at = tag.find(&needle)? + needle.len();
-    let rest = &tag[at..];
-    Some(&rest[..rest.find('"')?])
 }
 
 /// The trimmed value after `key` on the first line that starts with it (after whitespace or
@@ -549,6 +533,19 @@ mod tests {
             None
         );
         assert_eq!(only_task.canonical("mcp_task"), Some("task"));
+    }
+
+    #[test]
+    fn the_1_15_line_form_is_read_like_the_task_tag() {
+        let launch = format!("task_id: {CHILD} (for polling this task with task_status)\nstate: running\n\n<task_result>\nstarted\n</task_result>");
+        assert_eq!(tool_result(&tools(), "task", &Value::Null, &launch), None);
+        let injected = format!("Background task completed: child job\ntask_id: {CHILD}\nstate: completed\n\n<task_result>x</task_result>");
+        let c = message_text(&injected).unwrap();
+        assert_eq!(
+            (c.source, c.claimed),
+            (Source::Injection, Claimed::Completed)
+        );
+        assert_eq!(c.children, vec![ChildLink::Session(CHILD.into())]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The event-stream gate (`/event`, `/global/event`).
 //!
 //! One relay task per stream reads the runtime's bytes, cuts them into frames with the
-//! [`sse::Framer`](super::sse::Framer), and decides per frame: **pass** (almost all), **hold**
+//! [`Framer`], and decides per frame: **pass** (almost all), **hold**
 //! (a session's idle while its tree is not terminal; a part claiming a child is done while the
 //! child's tree is not terminal), or **supersede** (a later update of a held part replaces it;
 //! a session going busy again drops its held idles, a later idle takes their place).
@@ -25,8 +25,9 @@ use tokio::time::Instant;
 use super::claims::{self, Claim};
 use super::holds::{HoldGuard, HoldKind};
 use super::json::{learn_launches, resolve};
-use super::sse::{self, Chunk, Framer};
 use super::{annotate_part, Gate};
+use crate::opencode::sse::{self, Chunk, Framer};
+use crate::opencode::Event;
 use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
 
 type Frame = Result<Bytes, axum::Error>;
@@ -234,80 +235,65 @@ impl Relay {
         let Some(parsed) = sse::parse(frame) else {
             return Action::Pass;
         };
-        let Ok(value) = serde_json::from_str::<Value>(&parsed.data) else {
+        // Every envelope era and the `/global/event` wrapper; `sync` records pass.
+        let Some(event) = Event::parse(parsed.data.as_bytes()) else {
             return Action::Pass;
         };
-        let (event, directory) = if self.global {
-            let directory = value
-                .get("directory")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            match value.get("payload") {
-                Some(payload) => (payload, directory),
-                None => return Action::Pass,
-            }
+        let directory = if self.global {
+            event.directory.clone()
         } else {
-            (&value, self.directory.clone())
+            self.directory.clone()
         };
-        let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
-        let props = event.get("properties").unwrap_or(&Value::Null);
-        let session = session_id(props);
-        match kind {
-            "session.idle" => session.map_or(Action::Pass, |id| {
+        let session = event.session_id().map(str::to_owned);
+        if event.is_idle() {
+            return session.map_or(Action::Pass, |id| {
                 Action::Idle(SessionRef { id, directory })
-            }),
-            "session.status" => {
-                let Some(id) = session else {
-                    return Action::Pass;
-                };
-                match props.pointer("/status/type").and_then(Value::as_str) {
-                    Some("idle") => Action::Idle(SessionRef { id, directory }),
-                    // Unknown status types are treated as "not idle", like the runtime's own.
-                    Some(_) => Action::Busy(id),
-                    None => Action::Pass,
-                }
-            }
-            "message.part.updated" => {
-                let Some(part) = props.get("part") else {
-                    return Action::Pass;
-                };
-                learn_launches(part, &mut self.launches);
-                let claim = match part.get("type").and_then(Value::as_str) {
-                    Some("tool") => claims::tool_part(&self.gate.inner.tools, part),
-                    Some("text") => part
-                        .get("text")
-                        .and_then(Value::as_str)
-                        .and_then(claims::message_text),
-                    _ => None,
-                };
-                let Some(claim) = claim else {
-                    return Action::Pass;
-                };
-                let children = resolve(&claim.children, &self.launches);
-                if children.is_empty() {
-                    tracing::warn!(
-                        source = claim.source.name(),
-                        "claim names no known child session; passed through unverified"
-                    );
-                    self.gate.count_uninspected("unlinked_claim");
-                    return Action::Pass;
-                }
-                let session = session
-                    .or_else(|| {
-                        part.get("sessionID")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned)
-                    })
-                    .unwrap_or_default();
-                Action::Claim {
-                    session,
-                    directory,
-                    part_id: part.get("id").and_then(Value::as_str).map(str::to_owned),
-                    claim,
-                    children,
-                }
-            }
-            _ => Action::Pass,
+            });
+        }
+        if let Some(status) = event.status() {
+            let Some(id) = session else {
+                return Action::Pass;
+            };
+            // Unknown status types count as "not idle", like the runtime's own.
+            return if status.is_idle() {
+                Action::Idle(SessionRef { id, directory })
+            } else {
+                Action::Busy(id)
+            };
+        }
+        if event.kind() != "message.part.updated" {
+            return Action::Pass;
+        }
+        let Some(part) = event.properties.get("part") else {
+            return Action::Pass;
+        };
+        learn_launches(part, &mut self.launches);
+        let claim = match part.get("type").and_then(Value::as_str) {
+            Some("tool") => claims::tool_part(&self.gate.inner.tools, part),
+            Some("text") => part
+                .get("text")
+                .and_then(Value::as_str)
+                .and_then(claims::message_text),
+            _ => None,
+        };
+        let Some(claim) = claim else {
+            return Action::Pass;
+        };
+        let children = resolve(&claim.children, &self.launches);
+        if children.is_empty() {
+            tracing::warn!(
+                source = claim.source.name(),
+                "claim names no known child session; passed through unverified"
+            );
+            self.gate.count_uninspected("unlinked_claim");
+            return Action::Pass;
+        }
+        Action::Claim {
+            session: session.unwrap_or_default(),
+            directory,
+            part_id: part.get("id").and_then(Value::as_str).map(str::to_owned),
+            claim,
+            children,
         }
     }
 
@@ -478,15 +464,4 @@ fn worst(decided: &[(String, Decision)]) -> (String, Verdict) {
                 },
             )
         })
-}
-
-/// The session an event is about, in every envelope era: `properties.sessionID`, else
-/// `info.sessionID`/`info.id` (session events), else `part.sessionID`.
-fn session_id(props: &Value) -> Option<String> {
-    props
-        .get("sessionID")
-        .or_else(|| props.pointer("/info/sessionID"))
-        .or_else(|| props.pointer("/part/sessionID"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
 }

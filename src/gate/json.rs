@@ -274,7 +274,7 @@ pub(super) fn learn_launches(part: &Value, launches: &mut HashMap<String, String
 
 /// Session ids of a claim's children; `bg_…` ids resolve through `launches`, and an id that
 /// cannot be resolved is left out (the caller decides what an unlinked claim means).
-pub(super) fn resolve(children: &[ChildLink], launches: &HashMap<String, String>) -> Vec<String> {
+pub(crate) fn resolve(children: &[ChildLink], launches: &HashMap<String, String>) -> Vec<String> {
     let mut out = Vec::new();
     for child in children {
         let id = match child {
@@ -310,7 +310,7 @@ fn replace_body(parts: &mut http::response::Parts, value: Value) -> Response<Bod
 
 /// Reads `body` whole if it is at most `limit` bytes. Otherwise returns a body that replays
 /// what was read followed by the rest, so a too-large response still reaches the client intact.
-pub(super) async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, Body> {
+pub(crate) async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, Body> {
     let mut buf = BytesMut::new();
     loop {
         match body.frame().await {

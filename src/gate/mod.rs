@@ -15,8 +15,7 @@
 pub mod claims;
 mod events;
 pub mod holds;
-mod json;
-pub mod sse;
+pub(crate) mod json;
 
 use std::sync::Arc;
 

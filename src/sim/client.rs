@@ -18,6 +18,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
+use crate::opencode::sse::SseDecoder;
+
 /// One thing the client saw.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Seen {
@@ -212,7 +214,7 @@ async fn send_json(
 /// or a proxy in front of it (the demo watches the truth with it).
 pub struct EventStream {
     body: Incoming,
-    lines: LineBuffer,
+    frames: SseDecoder,
     ready: std::collections::VecDeque<Value>,
 }
 
@@ -228,7 +230,7 @@ impl EventStream {
         let response = open(client, Method::GET, &format!("{base}/event"), None).await?;
         let mut stream = EventStream {
             body: response.into_body(),
-            lines: LineBuffer::default(),
+            frames: SseDecoder::new(),
             ready: Default::default(),
         };
         loop {
@@ -253,11 +255,8 @@ impl EventStream {
             let Ok(data) = frame?.into_data() else {
                 continue;
             };
-            for line in self.lines.push(&data) {
-                let Some(payload) = line.strip_prefix("data:") else {
-                    continue;
-                };
-                if let Ok(event) = serde_json::from_str::<Value>(payload.trim_start()) {
+            for frame in self.frames.push(&data) {
+                if let Ok(event) = serde_json::from_str::<Value>(&frame.data) {
                     self.ready.push_back(event);
                 }
             }
@@ -325,36 +324,4 @@ async fn read_until_idle(
         }
     }
     Err(ClientError::StreamEnded)
-}
-
-/// Splits a byte stream into lines, keeping a partial line for the next chunk.
-#[derive(Default)]
-struct LineBuffer {
-    pending: Vec<u8>,
-}
-
-impl LineBuffer {
-    fn push(&mut self, chunk: &[u8]) -> Vec<String> {
-        self.pending.extend_from_slice(chunk);
-        let mut lines = Vec::new();
-        while let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=pos).collect();
-            let text = String::from_utf8_lossy(&line);
-            lines.push(text.trim_end_matches(['\n', '\r']).to_owned());
-        }
-        lines
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LineBuffer;
-
-    #[test]
-    fn lines_split_across_chunks_are_joined() {
-        let mut buf = LineBuffer::default();
-        assert!(buf.push(b"data: {\"a\"").is_empty());
-        assert_eq!(buf.push(b":1}\n\nda"), vec!["data: {\"a\":1}", ""]);
-        assert_eq!(buf.push(b"ta: x\r\n"), vec!["data: x"]);
-    }
 }

@@ -14,6 +14,13 @@
 //!   [`CHILD_DONE`]; `CHILD-HOLD-<name>` holds it until the test calls [`ScriptedProvider::release`]
 //!   (bounded by [`MAX_HOLD`]); `CHILD-FAIL` answers HTTP 400 so the runtime records a
 //!   non-retryable `APIError`.
+//! - oh-my-opencode scenario ([`OmoTurn`], the plugin's own tools): a root prompt with
+//!   `OMO-PARENT-<name>` calls `task` (category `quick`, in the background) with a child prompt
+//!   `OMO-CHILD-<name>`, then `background_output` (blocking) on the `bg_…` id the launch returned,
+//!   then answers [`OMO_PARENT_READ`]; any later prompt (the plugin's wakes) gets
+//!   [`OMO_PARENT_NOTED`]. The child calls `call_omo_agent` (`explore`, in the background) with a
+//!   grandchild prompt `CHILD-HOLD-<name>`, ends its turn with [`OMO_CHILD_PARTIAL`], and answers
+//!   [`OMO_CHILD_FINAL`] when woken. The grandchild is an ordinary `CHILD-HOLD-<name>` child.
 //! - Anything else is answered plainly with [`PLAIN_ANSWER`]; requests without tools (the title
 //!   request) get a short title.
 //!
@@ -52,6 +59,14 @@ pub const CHILD_DONE: &str = "CHILD-DONE: the work is finished.";
 pub const PLAIN_ANSWER: &str = "PLAIN: hello from the scripted model.";
 /// The error message of a failing child; the runtime shows it in the injected `state="error"`.
 pub const CHILD_FAIL_MESSAGE: &str = "scripted failure: the child could not do its work";
+/// The oh-my-opencode child's answer when it ends its first turn, before its grandchild is done.
+pub const OMO_CHILD_PARTIAL: &str = "partial: my grandchild's result is not in yet";
+/// The oh-my-opencode child's answer once woken by its grandchild's completion: its real result.
+pub const OMO_CHILD_FINAL: &str = "CHILD-FINAL: the grandchild reported, here is the real answer";
+/// The oh-my-opencode parent's answer after reading `background_output`.
+pub const OMO_PARENT_READ: &str = "PARENT-READ: I read the background result.";
+/// The oh-my-opencode parent's answer to any later prompt (the plugin's wakes).
+pub const OMO_PARENT_NOTED: &str = "PARENT-NOTED: noted.";
 /// Upper bound for `CHILD-HOLD-*` so a forgotten release cannot hang a test run forever.
 pub const MAX_HOLD: Duration = Duration::from_secs(120);
 
@@ -77,6 +92,27 @@ pub enum Turn {
     ChildFail,
     /// A plain conversation.
     Plain,
+    /// A step of the oh-my-opencode scenario.
+    Omo(OmoTurn),
+}
+
+/// The steps of the oh-my-opencode scenario (see the module docs), by who asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OmoTurn {
+    /// Root, first step: `task({category:"quick", run_in_background:true, …})`.
+    ParentLaunch { name: String },
+    /// Root after the launch result: `background_output({task_id, block:true, timeout:120000})`.
+    ParentPoll { task_id: String },
+    /// Root after the `background_output` result (the claim under test).
+    ParentRead,
+    /// Root answering anything later (the plugin's wakes).
+    ParentWake,
+    /// Child (Sisyphus-Junior), first step: `call_omo_agent({subagent_type:"explore", …})`.
+    ChildLaunch { name: String },
+    /// Child after the launch result: ends its turn with [`OMO_CHILD_PARTIAL`].
+    ChildPartial,
+    /// Child woken later: [`OMO_CHILD_FINAL`].
+    ChildFinal,
 }
 
 /// One request the provider received.
@@ -221,16 +257,30 @@ impl ScriptedProvider {
         deadline: Duration,
         pred: impl Fn(&[RecordedRequest]) -> bool,
     ) {
-        let end = Instant::now() + deadline;
+        if !self.arrives_within(deadline, pred).await {
+            let turns: Vec<_> = self.requests().into_iter().map(|r| r.turn).collect();
+            panic!(
+                "provider: timed out after {deadline:?} waiting for {what}; turns seen: {turns:?}"
+            );
+        }
+    }
+
+    /// Whether `pred` comes to hold for the recorded requests within `window`: for asserting
+    /// that something does *not* reach the model while a condition lasts.
+    pub async fn arrives_within(
+        &self,
+        window: Duration,
+        pred: impl Fn(&[RecordedRequest]) -> bool,
+    ) -> bool {
+        let end = Instant::now() + window;
         loop {
             let notified = self.shared.recorded.notified();
             if pred(&self.shared.requests.lock().unwrap()) {
-                return;
+                return true;
             }
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
-                let turns: Vec<_> = self.requests().into_iter().map(|r| r.turn).collect();
-                panic!("provider: timed out after {deadline:?} waiting for {what}; turns seen: {turns:?}");
+                return false;
             }
         }
     }
@@ -312,6 +362,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes)
         Turn::Title => stream(id, vec![Step::Text("Scripted session".into())], None),
         Turn::Plain => stream(id, vec![Step::Text(PLAIN_ANSWER.into())], None),
         Turn::ParentLaunch { .. } => stream(id, vec![Step::ToolCalls(task_calls(&body, id))], None),
+        Turn::Omo(omo) => stream(id, vec![omo_step(&omo, id)], None),
         Turn::ParentAfterTools => {
             let text = if launched_counts(&body).0 > 0 {
                 PARENT_LAUNCHED.to_string()
@@ -343,7 +394,8 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes)
 
 enum Step {
     Text(String),
-    ToolCalls(Vec<(String, Value)>),
+    /// `(call id, tool name, arguments)` each.
+    ToolCalls(Vec<(String, String, Value)>),
 }
 
 /// What the "model" waits for after its first chunk (the child's work).
@@ -389,10 +441,10 @@ fn stream(id: u64, steps: Vec<Step>, wait: Option<Wait>) -> Response {
                 }
                 Step::ToolCalls(calls) => {
                     finish = "tool_calls";
-                    for (i, (call_id, args)) in calls.into_iter().enumerate() {
+                    for (i, (call_id, name, args)) in calls.into_iter().enumerate() {
                         let delta = json!({"tool_calls": [{
                             "index": i, "id": call_id, "type": "function",
-                            "function": {"name": "task", "arguments": args.to_string()}
+                            "function": {"name": name, "arguments": args.to_string()}
                         }]});
                         let _ = tx.send(chunk(delta, None)).await;
                     }
@@ -510,7 +562,7 @@ fn injected_states(body: &Value) -> (usize, usize) {
     (completed, error)
 }
 
-fn task_calls(body: &Value, id: u64) -> Vec<(String, Value)> {
+fn task_calls(body: &Value, id: u64) -> Vec<(String, String, Value)> {
     child_prompts(&first_user_text(body))
         .into_iter()
         .enumerate()
@@ -523,15 +575,108 @@ fn task_calls(body: &Value, id: u64) -> Vec<(String, Value)> {
             if background {
                 args["background"] = json!(true);
             }
-            (format!("call_{id}_{i}"), args)
+            (format!("call_{id}_{i}"), "task".to_string(), args)
         })
         .collect()
+}
+
+/// What the "model" does at one step of the oh-my-opencode scenario.
+fn omo_step(turn: &OmoTurn, id: u64) -> Step {
+    let call = |name: &str, args: Value| {
+        Step::ToolCalls(vec![(format!("call_{id}_0"), name.to_string(), args)])
+    };
+    match turn {
+        OmoTurn::ParentLaunch { name } => call(
+            "task",
+            json!({
+                "category": "quick",
+                "run_in_background": true,
+                "load_skills": [],
+                "description": "child task",
+                "prompt": format!("OMO-CHILD-{name}: launch an explore agent, then stop."),
+            }),
+        ),
+        OmoTurn::ParentPoll { task_id } => call(
+            "background_output",
+            json!({"task_id": task_id, "block": true, "timeout": 120000}),
+        ),
+        OmoTurn::ChildLaunch { name } => call(
+            "call_omo_agent",
+            json!({
+                "subagent_type": "explore",
+                "run_in_background": true,
+                "description": "grandchild",
+                "prompt": format!("CHILD-HOLD-{name} explore the code base."),
+            }),
+        ),
+        OmoTurn::ParentRead => Step::Text(OMO_PARENT_READ.into()),
+        OmoTurn::ParentWake => Step::Text(OMO_PARENT_NOTED.into()),
+        OmoTurn::ChildPartial => Step::Text(OMO_CHILD_PARTIAL.into()),
+        OmoTurn::ChildFinal => Step::Text(OMO_CHILD_FINAL.into()),
+    }
+}
+
+/// The oh-my-opencode step a request is, by the markers in its user texts (the plugin appends
+/// its own lines to prompts, so every user text is searched, not only the first) and by what the
+/// conversation called last.
+fn omo_turn(body: &Value) -> Option<OmoTurn> {
+    let msgs = messages(body);
+    let users = msgs
+        .iter()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .map(content_text)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let last = msgs.last();
+    let after_tool = last.and_then(|m| m.get("role")).and_then(Value::as_str) == Some("tool");
+    let last_call = msgs
+        .iter()
+        .rev()
+        .filter_map(|m| m.get("tool_calls").and_then(Value::as_array))
+        .find_map(|calls| calls.last())
+        .and_then(|c| c.pointer("/function/name"))
+        .and_then(Value::as_str);
+    if let Some(name) = marker_value(&users, "OMO-PARENT-") {
+        return Some(match (last_call, after_tool) {
+            (None, _) => OmoTurn::ParentLaunch { name },
+            (Some("task"), true) => OmoTurn::ParentPoll {
+                task_id: last
+                    .map(content_text)
+                    .as_deref()
+                    .and_then(bg_task_id)
+                    .unwrap_or_default(),
+            },
+            (Some("background_output"), true) => OmoTurn::ParentRead,
+            _ => OmoTurn::ParentWake,
+        });
+    }
+    if let Some(name) = marker_value(&users, "OMO-CHILD-") {
+        return Some(match (last_call, after_tool) {
+            (None, _) => OmoTurn::ChildLaunch { name },
+            (Some(_), true) => OmoTurn::ChildPartial,
+            _ => OmoTurn::ChildFinal,
+        });
+    }
+    None
+}
+
+/// The first `bg_<hex>` task id in `text` (oh-my-opencode's launch result).
+pub fn bg_task_id(text: &str) -> Option<String> {
+    let start = text.find("bg_")?;
+    let hex: String = text[start + 3..]
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect();
+    (!hex.is_empty()).then(|| format!("bg_{hex}"))
 }
 
 /// Decides what kind of turn a chat-completions request is.
 pub fn classify(body: &Value) -> Turn {
     if tool_names(body).is_empty() {
         return Turn::Title;
+    }
+    if let Some(turn) = omo_turn(body) {
+        return Turn::Omo(turn);
     }
     let first = first_user_text(body);
     let prompts = child_prompts(&first);

@@ -182,16 +182,7 @@ pub fn install(version: &str) -> Result<RuntimeBinary, String> {
     if let Some(bin) = find_in(&dir, version) {
         return Ok(bin);
     }
-    let npm_ok = std::process::Command::new("npm")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !npm_ok {
-        return Err("npm is not on PATH".into());
-    }
+    npm_available()?;
     let partial = root.join(format!("{version}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
@@ -205,41 +196,126 @@ pub fn install(version: &str) -> Result<RuntimeBinary, String> {
                          "dependencies": {"opencode-ai": version}});
         std::fs::write(partial.join("package.json"), pkg.to_string()).map_err(|e| e.to_string())?;
     }
-    // `npm ci` cannot be used: the lock lists only the platform packages the registry had when it
-    // was written, and `ci` rejects a lock missing optional dependencies. `install` with the lock
-    // still pins the version and checks integrity. Scripts are not needed: the platform package
-    // carries the binary itself.
-    let started = Instant::now();
-    let out = std::process::Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--ignore-scripts"])
-        .current_dir(&partial)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running npm: {e}"))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_dir_all(&partial);
-        return Err(format!(
-            "npm install opencode-ai@{version} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "installed opencode-ai@{version} into {} in {:.1?}",
-        dir.display(),
-        started.elapsed()
-    );
-    if std::fs::rename(&partial, &dir).is_err() {
-        // Another test binary won the race; use its copy.
-        let _ = std::fs::remove_dir_all(&partial);
-    }
+    npm_install(&partial, &dir, &format!("opencode-ai@{version}"))?;
     find_in(&dir, version).ok_or_else(|| {
         format!(
             "opencode-ai@{version} installed into {} but no runnable binary reports that version",
             dir.display()
         )
     })
+}
+
+fn npm_available() -> Result<(), String> {
+    let npm_ok = std::process::Command::new("npm")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if npm_ok {
+        Ok(())
+    } else {
+        Err("npm is not on PATH".into())
+    }
+}
+
+/// Runs `npm install` in `partial` (which holds a package.json and, when pinned, its lock) and
+/// renames it to `dir`, so concurrent test binaries never see a half-installed package.
+fn npm_install(partial: &Path, dir: &Path, what: &str) -> Result<(), String> {
+    // `npm ci` cannot be used: the lock lists only the platform packages the registry had when it
+    // was written, and `ci` rejects a lock missing optional dependencies. `install` with the lock
+    // still pins the versions and checks integrity. Scripts are not needed: the platform package
+    // carries the runtime binary itself, and the plugin's postinstall only checks versions and
+    // deletes cached plugin copies under the user's own `~/.cache/opencode`, which a test must
+    // not touch.
+    let started = Instant::now();
+    let out = std::process::Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--ignore-scripts"])
+        .current_dir(partial)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running npm: {e}"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(partial);
+        return Err(format!(
+            "npm install {what} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "installed {what} into {} in {:.1?}",
+        dir.display(),
+        started.elapsed()
+    );
+    if std::fs::rename(partial, dir).is_err() {
+        // Another test binary won the race; use its copy.
+        let _ = std::fs::remove_dir_all(partial);
+    }
+    Ok(())
+}
+
+/// The `oh-my-opencode` version the plugin tests load (`tests/runtime-omo/package.json`).
+pub const OMO_VERSION: &str = "4.19.4";
+
+/// The installed `oh-my-opencode` package folder (`…/node_modules/oh-my-opencode`), installed at
+/// most once per test process into `<cache>/oh-my-opencode-<version>` with the pinned
+/// `tests/runtime-omo` lock; `None` (with a printed reason) when unavailable outside CI. Panics
+/// under `CI=true`, like [`runtime_or_skip`].
+pub fn omo_plugin_or_skip(test: &str) -> Option<PathBuf> {
+    static INSTALLED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match INSTALLED.get_or_init(install_omo) {
+        Ok(dir) => Some(dir.clone()),
+        Err(reason) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: the oh-my-opencode plugin is required in CI (CI=true): {reason}")
+        }
+        Err(reason) => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: oh-my-opencode@{OMO_VERSION} unavailable: {reason}. \
+                 Install node + npm to run it."
+            );
+            None
+        }
+    }
+}
+
+fn install_omo() -> Result<PathBuf, String> {
+    let root = cache_root();
+    let dir = root.join(format!("oh-my-opencode-{OMO_VERSION}"));
+    let package = |d: &Path| d.join("node_modules/oh-my-opencode");
+    let installed = |d: &Path| {
+        std::fs::read_to_string(package(d).join("package.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+            .is_some_and(|v| v["version"] == OMO_VERSION)
+    };
+    if installed(&dir) {
+        return Ok(package(&dir));
+    }
+    npm_available()?;
+    let partial = root.join(format!(
+        "oh-my-opencode-{OMO_VERSION}.partial-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+    let pinned = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/runtime-omo");
+    for f in ["package.json", "package-lock.json"] {
+        std::fs::copy(pinned.join(f), partial.join(f)).map_err(|e| format!("{f}: {e}"))?;
+    }
+    npm_install(&partial, &dir, &format!("oh-my-opencode@{OMO_VERSION}"))?;
+    if installed(&dir) {
+        Ok(package(&dir))
+    } else {
+        Err(format!(
+            "oh-my-opencode@{OMO_VERSION} installed into {} but its package.json says otherwise",
+            dir.display()
+        ))
+    }
 }
 
 /// Kills a whole process group; the runtime spawns helpers that must not outlive a test.
@@ -250,17 +326,10 @@ fn kill_group(pid: u32) {
     }
 }
 
-/// A fresh test folder: `home/`, `tmp/` and `project/` with an `opencode.json` pointing every model
-/// at the scripted provider at `provider_base_url`.
-pub fn sandbox_dir(provider_base_url: &str) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("taskgate-real-")
-        .tempdir()
-        .unwrap();
-    for sub in ["home", "project", "tmp"] {
-        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-    }
-    let config = json!({
+/// The `opencode.json` every test project gets: every model is the scripted provider at
+/// `provider_base_url`, nothing shared or auto-updated.
+pub fn sandbox_config(provider_base_url: &str) -> Value {
+    json!({
         "$schema": "https://opencode.ai/config.json",
         "share": "disabled",
         "autoupdate": false,
@@ -274,13 +343,30 @@ pub fn sandbox_dir(provider_base_url: &str) -> tempfile::TempDir {
                 "models": {"scripted": {"name": "Scripted"}}
             }
         }
-    });
+    })
+}
+
+/// A fresh test folder: `home/`, `tmp/` and `project/` holding `config` as its `opencode.json`.
+pub fn sandbox_with(config: &Value) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("taskgate-real-")
+        .tempdir()
+        .unwrap();
+    for sub in ["home", "project", "tmp"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
     std::fs::write(
         dir.path().join("project/opencode.json"),
-        serde_json::to_string_pretty(&config).unwrap(),
+        serde_json::to_string_pretty(config).unwrap(),
     )
     .unwrap();
     dir
+}
+
+/// [`sandbox_with`] the default [`sandbox_config`] (for tests that start the runtime through
+/// another program, e.g. `taskgate wrap`).
+pub fn sandbox_dir(provider_base_url: &str) -> tempfile::TempDir {
+    sandbox_with(&sandbox_config(provider_base_url))
 }
 
 /// How to start a runtime.
@@ -290,6 +376,31 @@ pub struct RuntimeOptions {
     pub password: Option<String>,
     /// Extra environment for the runtime.
     pub env: Vec<(String, String)>,
+    /// Plugins for the project's `opencode.json` (`"plugin": [...]`), e.g. a `file:///…` URL of
+    /// an installed package folder ([`omo_plugin_or_skip`]).
+    pub plugins: Vec<String>,
+    /// Written to the project's `.omo/omo.json`: oh-my-opencode's own config (agents and
+    /// categories pointed at the scripted model; see [`omo_config`]).
+    pub omo_config: Option<Value>,
+}
+
+/// An oh-my-opencode config naming the scripted model for every agent and category a plugin
+/// scenario touches: the plugin otherwise falls back to hosted models, which fail offline
+/// (`ProviderModelNotFoundError`). Plugin-only keys sit under `"[opencode]"`; at the top level
+/// they fail its validation and the agent overrides are lost with them.
+pub fn omo_config() -> Value {
+    let model = json!({"model": "mock/scripted"});
+    json!({
+        "agents": {
+            "explore": model, "librarian": model, "sisyphus-junior": model, "oracle": model
+        },
+        "categories": {"quick": model},
+        "[opencode]": {
+            "telemetry": false,
+            "auto_update": false,
+            "disabled_mcps": ["websearch", "context7", "grep_app"]
+        }
+    })
 }
 
 /// A running `opencode serve`, killed (with its process group) on drop.
@@ -314,7 +425,19 @@ impl Runtime {
         opts: RuntimeOptions,
     ) -> Runtime {
         let started = Instant::now();
-        let dir = sandbox_dir(provider_base_url);
+        let mut config = sandbox_config(provider_base_url);
+        if !opts.plugins.is_empty() {
+            config["plugin"] = json!(opts.plugins);
+        }
+        let dir = sandbox_with(&config);
+        if let Some(omo) = &opts.omo_config {
+            std::fs::create_dir_all(dir.path().join("project/.omo")).unwrap();
+            std::fs::write(
+                dir.path().join("project/.omo/omo.json"),
+                serde_json::to_string_pretty(omo).unwrap(),
+            )
+            .unwrap();
+        }
 
         let mut cmd = Command::new(&binary.path);
         cmd.args(["serve", "--port", "0", "--hostname", "127.0.0.1"]);
@@ -397,6 +520,11 @@ impl Runtime {
 
     pub fn home_dir(&self) -> PathBuf {
         self.dir.path().join("home")
+    }
+
+    /// The runtime's `TMPDIR`; oh-my-opencode writes its log there (`oh-my-opencode.log`).
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.dir.path().join("tmp")
     }
 
     /// Everything the runtime printed so far (for failure messages).
@@ -608,6 +736,33 @@ pub async fn http_get(
     }
     let resp = client
         .request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// A JSON `POST` over loopback, returning status and the whole body (e.g. a prompt to
+/// `/session/:id/message`, which answers when the turn ends).
+pub async fn http_post_json(
+    url: &str,
+    authorization: Option<&str>,
+    body: &Value,
+) -> Result<(StatusCode, Bytes), String> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::post(url).header("content-type", "application/json");
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    let resp = client
+        .request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
         .await
         .map_err(|e| e.to_string())?;
     let status = resp.status();

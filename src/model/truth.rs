@@ -1,0 +1,129 @@
+//! Where the model face learns the truth about a child: the [`Oracle`] in production, a scripted
+//! double in tests. A trait, so the hold-and-rewrite logic can be tested without a runtime.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+
+use crate::oracle::client::ClientError;
+use crate::oracle::{Oracle, OracleError, SessionRef, Verdict};
+
+/// What the runtime says about a child's tree when the hold ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub verdict: Verdict,
+    /// The tree was not terminal when first asked: whatever the claim said then was premature,
+    /// even if the tree has finished since.
+    pub premature: bool,
+    /// The deadline passed (or taskgate is shutting down) before the tree was terminal.
+    pub timed_out: bool,
+    /// How long ago the child session was created, when known.
+    pub started_ago: Option<Duration>,
+    /// How long ago the still-working session (the one the verdict names) last changed.
+    pub last_activity_ago: Option<Duration>,
+}
+
+/// The source of truth about session trees.
+pub trait Truth: Send + Sync {
+    /// Waits until `child`'s tree is terminal, or until `deadline`, and says what it found.
+    /// Cancel-safe: dropping the future (the runtime hung up on the held request) ends the wait.
+    fn settle<'a>(&'a self, child: &'a SessionRef, deadline: Instant) -> BoxFuture<'a, Finding>;
+}
+
+impl Truth for Oracle {
+    fn settle<'a>(&'a self, child: &'a SessionRef, deadline: Instant) -> BoxFuture<'a, Finding> {
+        Box::pin(async move {
+            let first = match self.decide_checked(child).await {
+                Ok(first) => first,
+                // The runtime is up (it sent this request), so a refused read will not heal by
+                // waiting: say so at once rather than hold for max_hold. The model reads this
+                // text, so it names the kind of failure, not the runtime's address.
+                Err(e) => {
+                    tracing::warn!(child = %child.id, error = %e, "model face: cannot read the child");
+                    let reason = match e {
+                        ClientError::NotFound { .. } => "the runtime does not know this session",
+                        ClientError::Unauthorized { .. } => {
+                            "the runtime refused taskgate's credentials"
+                        }
+                        _ => "the runtime could not be read",
+                    };
+                    return Finding {
+                        verdict: Verdict::Unknown {
+                            reason: reason.to_owned(),
+                        },
+                        premature: true,
+                        timed_out: false,
+                        started_ago: None,
+                        last_activity_ago: None,
+                    };
+                }
+            };
+            if first.verdict.is_terminal() && !first.background {
+                // Terminal, and no background work that could still wake it: no settle needed.
+                return Finding {
+                    verdict: first.verdict,
+                    premature: false,
+                    timed_out: false,
+                    started_ago: None,
+                    last_activity_ago: None,
+                };
+            }
+            let (verdict, timed_out) = match self.wait_terminal(child, Some(deadline)).await {
+                Ok(decision) => (decision.verdict, false),
+                Err(OracleError::Deadline(decision)) => (decision.verdict, true),
+                Err(OracleError::Cancelled) => (
+                    Verdict::Unknown {
+                        reason: "taskgate is shutting down".to_owned(),
+                    },
+                    true,
+                ),
+            };
+            // A tree that looked terminal at once and settled on the same verdict was done.
+            let premature = !(first.verdict.is_terminal() && first.verdict == verdict);
+            if !timed_out {
+                return Finding {
+                    verdict,
+                    premature,
+                    timed_out,
+                    started_ago: None,
+                    last_activity_ago: None,
+                };
+            }
+            // Only the "still running" text needs the times; read them once, at the end.
+            let created = match self.client().session(child).await {
+                Ok(s) => s.time.and_then(|t| t.created),
+                Err(_) => None,
+            };
+            let busy = match &verdict {
+                Verdict::Running { session, .. } => SessionRef {
+                    id: session.clone(),
+                    directory: child.directory.clone(),
+                },
+                _ => child.clone(),
+            };
+            let updated = match self.client().session(&busy).await {
+                Ok(s) => s.time.and_then(|t| t.updated),
+                Err(_) => None,
+            };
+            Finding {
+                verdict,
+                premature,
+                timed_out,
+                started_ago: created.and_then(ago),
+                last_activity_ago: updated.and_then(ago),
+            }
+        })
+    }
+}
+
+/// Time since a runtime timestamp (Unix milliseconds).
+fn ago(ms: i64) -> Option<Duration> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_millis();
+    let then = u128::try_from(ms).ok()?;
+    let diff = u64::try_from(now.saturating_sub(then)).ok()?;
+    Some(Duration::from_millis(diff))
+}

@@ -1,0 +1,340 @@
+//! The gate's JSON surfaces and admin views, against the simulated runtime while a background
+//! child is busy: what a client polling the status map, reading history, or watching
+//! `/global/event` sees through taskgate, next to what the runtime itself says.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use taskgate::config::{Config, HumanDuration};
+use taskgate::sim::SimOptions;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+struct Stack {
+    sim: String,
+    proxy: String,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn stack(tune: impl FnOnce(&mut Config)) -> Stack {
+    let shutdown = CancellationToken::new();
+    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = format!("http://{}", sim_listener.local_addr().unwrap());
+    let options = SimOptions { time_scale: 0.5 };
+    tokio::spawn(taskgate::sim::run(sim_listener, options, shutdown.clone()));
+    let mut config = Config::defaults();
+    config.proxy.upstream = sim.clone();
+    config.gate.settle_window = HumanDuration(Duration::from_millis(200));
+    config.oracle.poll_interval = HumanDuration(Duration::from_millis(100));
+    tune(&mut config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(taskgate::proxy::run(listener, config, shutdown.clone()));
+    Stack {
+        sim,
+        proxy,
+        shutdown,
+    }
+}
+
+async fn call(method: &str, url: &str, body: Option<Value>) -> (http::HeaderMap, Value) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    (headers, value)
+}
+
+async fn get(url: &str) -> Value {
+    call("GET", url, None).await.1
+}
+
+/// Starts `scenario` through `base` without waiting, returns the root session id.
+async fn start(base: &str, scenario: &str) -> String {
+    let (_, session) = call("POST", &format!("{base}/session"), Some(json!({}))).await;
+    let id = session["id"].as_str().unwrap().to_owned();
+    let prompt = json!({"parts": [{"type": "text", "text": format!("SCENARIO:{scenario}")}]});
+    call(
+        "POST",
+        &format!("{base}/session/{id}/prompt_async"),
+        Some(prompt),
+    )
+    .await;
+    id
+}
+
+/// Waits until the runtime itself shows the root idle with a busy child: the moment every
+/// direct client is misled.
+async fn until_root_idle_child_busy(sim: &str, root: &str) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the scenario never reached root idle, child busy"
+        );
+        let status = get(&format!("{sim}/session/status")).await;
+        let children = get(&format!("{sim}/session/{root}/children")).await;
+        let child = children[0]["id"].as_str().map(str::to_owned);
+        let messages = get(&format!("{sim}/session/{root}/message")).await;
+        let root_answered = messages
+            .as_array()
+            .and_then(|m| m.last())
+            .is_some_and(|m| m["info"]["role"] == "assistant" && m["info"]["finish"] == "stop");
+        if let Some(child) = child {
+            if status.get(root).is_none() && status.get(&child).is_some() && root_answered {
+                return child;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn status_map_lists_the_root_busy_while_its_child_works() {
+    let stack = stack(|_| {}).await;
+    let root = start(&stack.proxy, "bg-child").await;
+    let child = until_root_idle_child_busy(&stack.sim, &root).await;
+    let direct = get(&format!("{}/session/status", stack.sim)).await;
+    assert!(
+        direct.get(&root).is_none(),
+        "the runtime lists the root idle: {direct}"
+    );
+    let proxied = get(&format!("{}/session/status", stack.proxy)).await;
+    assert_eq!(proxied[&root], json!({"type": "busy"}), "{proxied}");
+    assert_eq!(proxied[&child], json!({"type": "busy"}), "{proxied}");
+}
+
+#[tokio::test]
+async fn history_shows_the_launch_running_until_the_child_is_done() {
+    let stack = stack(|_| {}).await;
+    let root = start(&stack.proxy, "bg-child").await;
+    let child = until_root_idle_child_busy(&stack.sim, &root).await;
+    let task_part = |messages: &Value| {
+        messages
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|m| m["parts"].as_array().unwrap().iter())
+            .find(|p| p["tool"] == "task")
+            .cloned()
+            .unwrap()
+    };
+    let direct = task_part(&get(&format!("{}/session/{root}/message", stack.sim)).await);
+    assert_eq!(direct["state"]["status"], "completed");
+    let proxied = task_part(&get(&format!("{}/session/{root}/message", stack.proxy)).await);
+    assert_eq!(proxied["state"]["status"], "running", "{proxied}");
+    let taskgate = &proxied["state"]["metadata"]["taskgate"];
+    assert_eq!(taskgate["child"], child.as_str());
+    assert_eq!(taskgate["original"]["status"], "completed");
+    assert!(
+        taskgate["reason"].as_str().unwrap().contains(&child),
+        "{taskgate}"
+    );
+
+    // Once the child's tree is terminal, history reads as the runtime wrote it.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = task_part(&get(&format!("{}/session/{root}/message", stack.proxy)).await);
+        if now["state"]["status"] == "completed" {
+            assert_eq!(now, direct_now(&stack.sim, &root, task_part).await);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "history never showed the finished child"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn direct_now(sim: &str, root: &str, pick: impl Fn(&Value) -> Value) -> Value {
+    pick(&get(&format!("{sim}/session/{root}/message")).await)
+}
+
+#[tokio::test]
+async fn holds_and_metrics_show_what_is_held_and_how_it_ended() {
+    let stack = stack(|_| {}).await;
+    // A subscriber makes the event gate hold the root's idle and the launch part.
+    let events = EventLog::open(&format!("{}/global/event", stack.proxy)).await;
+    let root = start(&stack.proxy, "bg-child").await;
+    let child = until_root_idle_child_busy(&stack.sim, &root).await;
+    let deadline = Instant::now() + PATIENCE;
+    let holds = loop {
+        let holds = get(&format!("{}/_taskgate/holds", stack.proxy)).await;
+        let list = holds["holds"].as_array().unwrap().clone();
+        if list.iter().any(|h| h["kind"] == "idle") && list.iter().any(|h| h["kind"] == "part") {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "no idle and part holds: {holds}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let part = holds.iter().find(|h| h["kind"] == "part").unwrap();
+    assert_eq!(part["session"], root.as_str());
+    assert_eq!(part["child"], child.as_str());
+    assert!(part["since_ms"].as_u64().unwrap() > 0);
+
+    // The root never goes idle on the proxied stream while the child works.
+    events.until_idle_of(&root).await;
+    assert!(
+        get(&format!("{}/session/status", stack.sim))
+            .await
+            .as_object()
+            .unwrap()
+            .is_empty(),
+        "the proxied stream showed the root idle while the runtime still had busy sessions"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let holds = get(&format!("{}/_taskgate/holds", stack.proxy)).await;
+        if holds["holds"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "holds never released: {holds}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let response = client
+        .get(
+            format!("{}/_taskgate/metrics", stack.proxy)
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("taskgate_holds_total{kind=\"part\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("taskgate_releases_total{verdict=\"completed\"}"),
+        "{text}"
+    );
+    assert!(text.contains("taskgate_holds_open 0"), "{text}");
+}
+
+#[tokio::test]
+async fn max_hold_releases_marked_still_running() {
+    let stack = stack(|c| c.gate.max_hold = HumanDuration(Duration::from_millis(300))).await;
+    let (_, session) = call("POST", &format!("{}/session", stack.proxy), Some(json!({}))).await;
+    let id = session["id"].as_str().unwrap();
+    let prompt = json!({"parts": [{"type": "text", "text": "SCENARIO:bg-child"}]});
+    let (headers, reply) = call(
+        "POST",
+        &format!("{}/session/{id}/message", stack.proxy),
+        Some(prompt),
+    )
+    .await;
+    assert_eq!(headers["x-taskgate-verdict"], "running", "{reply}");
+    let status = get(&format!("{}/session/status", stack.sim)).await;
+    assert!(
+        !status.as_object().unwrap().is_empty(),
+        "the child really was still busy"
+    );
+}
+
+#[tokio::test]
+async fn synchronous_prompt_returns_the_last_word_once_the_tree_is_done() {
+    let stack = stack(|_| {}).await;
+    let (_, session) = call("POST", &format!("{}/session", stack.proxy), Some(json!({}))).await;
+    let id = session["id"].as_str().unwrap();
+    let prompt = json!({"parts": [{"type": "text", "text": "SCENARIO:bg-child"}]});
+    let (headers, reply) = call(
+        "POST",
+        &format!("{}/session/{id}/message", stack.proxy),
+        Some(prompt),
+    )
+    .await;
+    assert_eq!(headers["x-taskgate-verdict"], "completed");
+    let text: Vec<&str> = reply["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["text"].as_str())
+        .collect();
+    assert_eq!(text, vec!["FINAL: parent got the child result"], "{reply}");
+    assert!(get(&format!("{}/session/status", stack.sim))
+        .await
+        .as_object()
+        .unwrap()
+        .is_empty());
+}
+
+/// Everything a `/global/event` subscriber received, readable while it keeps arriving.
+struct EventLog {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Value>,
+}
+
+impl EventLog {
+    async fn open(url: &str) -> EventLog {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let response = client.get(url.parse().unwrap()).await.unwrap();
+        let mut body = response.into_body();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut decoder = taskgate::opencode::sse::SseDecoder::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                for f in decoder.push(&data) {
+                    if let Ok(v) = serde_json::from_str::<Value>(&f.data) {
+                        let _ = tx.send(v);
+                    }
+                }
+            }
+        });
+        EventLog { rx }
+    }
+
+    /// Waits for the first `session.idle` of `session` on this stream.
+    async fn until_idle_of(mut self, session: &str) {
+        let wait = async {
+            while let Some(v) = self.rx.recv().await {
+                let p = &v["payload"];
+                if p["type"] == "session.idle" && p["properties"]["sessionID"] == session {
+                    return;
+                }
+            }
+            panic!("the stream ended before the root went idle");
+        };
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .expect("root idle arrived");
+    }
+}
