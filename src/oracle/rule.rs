@@ -214,8 +214,10 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, St
     })
 }
 
-/// Native launch: a later user message carries `<task id="child" state="completed|error">` and
-/// an assistant message after it ended the turn.
+/// Native launch: a later user message carries `<task id="child" state="completed|error">` (or
+/// the 1.15-era `task_id:`/`state:` lines, which [`task_tags`] reads too; without them every
+/// 1.15 background launch stays "not yet answered", found by `tests/real_taskgate.rs` against
+/// 1.15.0) and an assistant message after it ended the turn.
 fn native_answered(s: &SessionSnapshot, launched_at: usize, child: &str) -> bool {
     let injected = s.messages[launched_at + 1..].iter().position(|m| {
         m.info.is_user()
@@ -425,6 +427,16 @@ mod tests {
             ("rule 5: answered",
                 tree(vec![snap(ROOT, None, None, vec![user(1, "go"), launch(), answer(3, "launched"), injected(), answer(6, "FINAL")]), done_child()]),
                 "completed", "FINAL"),
+            ("rule 5: answered in the 1.15 form (no tag)",
+                tree(vec![snap(ROOT, None, None, vec![user(1, "go"), launch(), answer(3, "launched"),
+                    user(5, "Background task completed: job\ntask_id: ses_child\nstate: completed\n\n<task_result>r</task_result>"),
+                    answer(6, "FINAL")]), done_child()]),
+                "completed", "FINAL"),
+            ("rule 5: a 1.15 report of another child does not answer this one",
+                tree(vec![snap(ROOT, None, None, vec![user(1, "go"), launch(), answer(3, "launched"),
+                    user(5, "Background task completed: job\ntask_id: ses_other\nstate: completed\n"),
+                    answer(6, "WAITING")]), done_child()]),
+                "running", "background task ses_child not yet answered (rule 5)"),
             ("rule 5: oh-my-opencode launch, parent has not ended a turn since the child ended",
                 tree(vec![snap(ROOT, None, None, vec![user(1, "go"),
                     tool(2, "completed", json!({}), "Background task launched.\n<task_metadata>\nsession_id: ses_child\nbackground_task_id: bg_1\n</task_metadata>"),

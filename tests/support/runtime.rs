@@ -566,6 +566,56 @@ impl Runtime {
         }
     }
 
+    /// Sessions without a parent (`GET /session`, newest first).
+    pub async fn root_sessions(&self) -> Vec<Value> {
+        self.sessions()
+            .await
+            .into_iter()
+            .filter(|s| s.get("parentID").is_none())
+            .collect()
+    }
+
+    /// Direct children of `parent` (`GET /session/:id/children`).
+    pub async fn children(&self, parent: &str) -> Vec<Value> {
+        match self.get_json(&format!("/session/{parent}/children")).await {
+            Value::Array(a) => a,
+            other => panic!("unexpected children of {parent}: {other}"),
+        }
+    }
+
+    /// Every text part of every assistant message of `session`, oldest first.
+    pub async fn assistant_texts(&self, session: &str) -> Vec<String> {
+        let msgs = self.get_json(&format!("/session/{session}/message")).await;
+        msgs.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m.pointer("/info/role").and_then(Value::as_str) == Some("assistant"))
+            .flat_map(|m| m["parts"].as_array().cloned().unwrap_or_default())
+            .filter(|p| p["type"] == "text")
+            .filter_map(|p| p["text"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Polls until `session`'s assistant texts contain `needle`, panicking after `deadline`.
+    pub async fn wait_for_text(&self, session: &str, needle: &str, deadline: Duration) {
+        let end = Instant::now() + deadline;
+        loop {
+            let texts = self.assistant_texts(session).await;
+            if texts.iter().any(|t| t.contains(needle)) {
+                return;
+            }
+            if Instant::now() > end {
+                panic!("{session} never answered {needle:?} within {deadline:?}; texts: {texts:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
+        }
+    }
+
+    /// The password the runtime was started with, if any.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
     /// Polls `GET /session/status` until no session is busy, panicking after `deadline`.
     pub async fn wait_all_idle(&self, deadline: Duration) {
         let end = Instant::now() + deadline;
@@ -755,6 +805,16 @@ pub async fn http_post_json(
     authorization: Option<&str>,
     body: &Value,
 ) -> Result<(StatusCode, Bytes), String> {
+    let (status, _, body) = http_post_json_with_headers(url, authorization, body).await?;
+    Ok((status, body))
+}
+
+/// [`http_post_json`], also returning the response headers.
+pub async fn http_post_json_with_headers(
+    url: &str,
+    authorization: Option<&str>,
+    body: &Value,
+) -> Result<(StatusCode, hyper::HeaderMap, Bytes), String> {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let mut req = hyper::Request::post(url).header("content-type", "application/json");
@@ -765,14 +825,9 @@ pub async fn http_post_json(
         .request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
         .await
         .map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, body))
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((parts.status, parts.headers, body))
 }
 
 /// taskgate serving in front of a [`Runtime`] on 127.0.0.1:0, stopped on drop. For the
@@ -808,6 +863,36 @@ impl Taskgate {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// What taskgate holds right now (`GET /_taskgate/holds`), one JSON object per hold.
+    pub async fn holds(&self) -> Vec<Value> {
+        let (status, body) = http_get(&format!("{}/_taskgate/holds", self.url), None)
+            .await
+            .unwrap_or_else(|e| panic!("GET /_taskgate/holds: {e}"));
+        assert_eq!(status, StatusCode::OK, "GET /_taskgate/holds: {body:?}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["holds"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls `/_taskgate/holds` until `pred` holds for the list, panicking after `deadline`.
+    pub async fn wait_for_holds(
+        &self,
+        what: &str,
+        deadline: Duration,
+        pred: impl Fn(&[Value]) -> bool,
+    ) {
+        let end = Instant::now() + deadline;
+        loop {
+            let holds = self.holds().await;
+            if pred(&holds) {
+                return;
+            }
+            if Instant::now() > end {
+                panic!("taskgate never held {what} within {deadline:?}; holds: {holds:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+        }
     }
 
     /// Stops the proxy and returns how `run` ended (a panic inside it fails the test here).
