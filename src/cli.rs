@@ -38,6 +38,9 @@ pub enum Command {
     Sim(SimArgs),
     /// Show the bug and the fix side by side against the simulated runtime.
     Demo(DemoArgs),
+    /// Run an opencode command (`serve`, `run …`, the TUI) with taskgate in front of a private
+    /// runtime: `taskgate wrap -- opencode run "…"`.
+    Wrap(WrapArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +120,28 @@ pub struct DemoArgs {
     pub scenario: Option<String>,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct WrapArgs {
+    /// Path to proxy.toml (defaults are used when absent).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where the proxy listens. Default: for `serve`, the address given to the runtime
+    /// (127.0.0.1:4096 when none); for `run` and the TUI, a free loopback port.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// `run` only: exit 1, with one line on stderr, when a session of the run's tree failed or
+    /// was aborted (for CI).
+    #[arg(long)]
+    pub strict: bool,
+    /// Print where the runtime, the proxy and the runtime's log are.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// The opencode command, after `--`: `opencode serve …`, `opencode run …`, `opencode [dir]`
+    /// (`npx opencode-ai …` and paths work too).
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
 /// Runs the parsed command line and returns the process's exit code.
 pub fn main(cli: Cli) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -147,6 +172,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Wait(args) => crate::oracle::wait_command(args).await,
             Command::Sim(args) => sim(args).await,
             Command::Demo(args) => crate::demo::run(args).await,
+            Command::Wrap(args) => crate::wrap::command(args).await,
         }
     })
 }

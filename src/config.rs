@@ -113,6 +113,10 @@ pub struct ProxyConfig {
     pub shutdown_grace: HumanDuration,
     /// Largest JSON body the gate will read to inspect; a larger one passes through unread.
     pub inspect_limit_bytes: usize,
+    /// Set by `taskgate wrap` only (never read from the file): where the private runtime's
+    /// output goes, so `/_taskgate/health` can tell an operator where to look.
+    #[serde(skip)]
+    pub runtime_log: Option<PathBuf>,
 }
 
 impl Default for ProxyConfig {
@@ -124,6 +128,7 @@ impl Default for ProxyConfig {
             forwarded_headers: true,
             shutdown_grace: HumanDuration(Duration::from_secs(10)),
             inspect_limit_bytes: 16 * 1024 * 1024,
+            runtime_log: None,
         }
     }
 }

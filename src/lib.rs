@@ -16,6 +16,7 @@
 //! - [`sim`]: a scripted OpenCode-compatible runtime that shows the bug.
 //! - [`model`]: the model face, between the runtime and its model provider (issue 9).
 //! - [`demo`]: the side-by-side demo built on the simulated runtime.
+//! - [`wrap`]: `taskgate wrap -- opencode …`: a private runtime, the proxy and the client in one.
 //! - [`cli`]: the subcommands; `main.rs` only parses and calls them.
 //!
 //! Data flows one way: client → proxy → upstream, and back through the gate, which asks the
@@ -31,3 +32,4 @@ pub mod opencode;
 pub mod oracle;
 pub mod proxy;
 pub mod sim;
+pub mod wrap;

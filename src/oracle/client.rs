@@ -84,6 +84,11 @@ impl RuntimeClient {
             .await
     }
 
+    /// `GET /session`: the sessions of `directory` (the runtime's own directory when `None`).
+    pub async fn sessions(&self, directory: Option<&str>) -> Result<Vec<Session>, ClientError> {
+        self.get_json("/session", &dir_query(directory)).await
+    }
+
     /// `GET /session/:id`.
     pub async fn session(&self, session: &SessionRef) -> Result<Session, ClientError> {
         let path = format!("/session/{}", session.id);

@@ -1,7 +1,8 @@
 //! `/_taskgate/…`: taskgate's own endpoints, answered by the proxy and never forwarded.
 //!
 //! - `GET /_taskgate/health`: the proxy is up; whether the runtime answers `GET /global/health`,
-//!   and its version. 200 when it does, 503 when it does not.
+//!   and its version. 200 when it does, 503 when it does not. Under `taskgate wrap`,
+//!   `upstream.log` is the private runtime's log file.
 //! - `GET /_taskgate/metrics`: Prometheus text.
 //! - `GET /_taskgate/config`: the effective configuration as TOML, secrets redacted (the text
 //!   `taskgate config check` prints).
@@ -123,14 +124,19 @@ async fn health(state: &ProxyState) -> Response<Body> {
         Ok(outcome) => outcome,
         Err(_) => Err("the runtime did not answer GET /global/health in time".to_owned()),
     };
-    match outcome {
-        Ok(version) => json_response(
+    let (status, mut body) = match outcome {
+        Ok(version) => (
             StatusCode::OK,
-            &json!({"proxy": "up", "upstream": {"url": upstream, "reachable": true, "version": version}}),
+            json!({"proxy": "up", "upstream": {"url": upstream, "reachable": true, "version": version}}),
         ),
-        Err(message) => json_response(
+        Err(message) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"proxy": "up", "upstream": {"url": upstream, "reachable": false, "error": message}}),
+            json!({"proxy": "up", "upstream": {"url": upstream, "reachable": false, "error": message}}),
         ),
+    };
+    // Under `taskgate wrap` the runtime is private: its log is the only place its output goes.
+    if let Some(log) = &config.proxy.runtime_log {
+        body["upstream"]["log"] = json!(log.display().to_string());
     }
+    json_response(status, &body)
 }

@@ -326,6 +326,49 @@ fn kill_group(pid: u32) {
     }
 }
 
+/// The `opencode.json` every test project gets: every model is the scripted provider at
+/// `provider_base_url`, nothing shared or auto-updated.
+pub fn sandbox_config(provider_base_url: &str) -> Value {
+    json!({
+        "$schema": "https://opencode.ai/config.json",
+        "share": "disabled",
+        "autoupdate": false,
+        "model": "mock/scripted",
+        "small_model": "mock/scripted",
+        "provider": {
+            "mock": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "Scripted mock",
+                "options": {"baseURL": provider_base_url, "apiKey": "not-a-secret"},
+                "models": {"scripted": {"name": "Scripted"}}
+            }
+        }
+    })
+}
+
+/// A fresh test folder: `home/`, `tmp/` and `project/` holding `config` as its `opencode.json`.
+pub fn sandbox_with(config: &Value) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("taskgate-real-")
+        .tempdir()
+        .unwrap();
+    for sub in ["home", "project", "tmp"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("project/opencode.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+/// [`sandbox_with`] the default [`sandbox_config`] (for tests that start the runtime through
+/// another program, e.g. `taskgate wrap`).
+pub fn sandbox_dir(provider_base_url: &str) -> tempfile::TempDir {
+    sandbox_with(&sandbox_config(provider_base_url))
+}
+
 /// How to start a runtime.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeOptions {
@@ -382,31 +425,11 @@ impl Runtime {
         opts: RuntimeOptions,
     ) -> Runtime {
         let started = Instant::now();
-        let dir = tempfile::Builder::new()
-            .prefix("taskgate-real-")
-            .tempdir()
-            .unwrap();
-        for sub in ["home", "project", "tmp"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
-        let mut config = json!({
-            "$schema": "https://opencode.ai/config.json",
-            "share": "disabled",
-            "autoupdate": false,
-            "model": "mock/scripted",
-            "small_model": "mock/scripted",
-            "provider": {
-                "mock": {
-                    "npm": "@ai-sdk/openai-compatible",
-                    "name": "Scripted mock",
-                    "options": {"baseURL": provider_base_url, "apiKey": "not-a-secret"},
-                    "models": {"scripted": {"name": "Scripted"}}
-                }
-            }
-        });
+        let mut config = sandbox_config(provider_base_url);
         if !opts.plugins.is_empty() {
             config["plugin"] = json!(opts.plugins);
         }
+        let dir = sandbox_with(&config);
         if let Some(omo) = &opts.omo_config {
             std::fs::create_dir_all(dir.path().join("project/.omo")).unwrap();
             std::fs::write(
@@ -415,11 +438,6 @@ impl Runtime {
             )
             .unwrap();
         }
-        std::fs::write(
-            dir.path().join("project/opencode.json"),
-            serde_json::to_string_pretty(&config).unwrap(),
-        )
-        .unwrap();
 
         let mut cmd = Command::new(&binary.path);
         cmd.args(["serve", "--port", "0", "--hostname", "127.0.0.1"]);
@@ -674,7 +692,7 @@ impl Drop for Runtime {
 
 /// The environment both the server and `run` get: nothing of the developer's own OpenCode set-up
 /// leaks in, and nothing the runtime writes escapes the test's folder.
-fn isolate(cmd: &mut Command, root: &Path, password: Option<&str>) {
+pub fn isolate(cmd: &mut Command, root: &Path, password: Option<&str>) {
     let home = root.join("home");
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
