@@ -374,22 +374,4 @@ async fn foreground_child_runs_inside_the_parents_turn() {
     assert!(texts.iter().any(|t| t.contains(PARENT_FINAL)), "{texts:?}");
 }
 
-// Through taskgate (issue 6), once `taskgate::proxy::run` is merged, each scenario above gains a
-// twin that puts the proxy (`runtime::Taskgate`, ready in the support code) in front of the
-// runtime and attaches `run` to it:
-//
-//     let gate = Taskgate::start(&rt, |_config| {}).await;
-//     let events = EventStream::connect(&format!("{}/event", gate.url()), None).await;
-//     let out = rt.run(gate.url(), &[], "Delegate this. @bg(CHILD-WORK-3S do the work)").await;
-//     assert!(out.status.success(), "{out:?}");
-//     assert!(out.stdout.contains(PARENT_FINAL), "{out:?}");  // the parent's last answer
-//     assert!(rt.busy_sessions().await.is_empty());           // the tree was done at exit
-//     // and no root `session.idle` in `events` while a child was busy.
-//
-// Two children: `@bg(CHILD-WORK-2S a) @bg(CHILD-WORK-5S b)` (and swapped), or `CHILD-HOLD-a` /
-// `CHILD-HOLD-b` released in the chosen order with `provider.release("a")`; the last answer reads
-// `FINAL: parent got the child result (completed=2 error=0)`. A failing child: `@bg(CHILD-FAIL x)`
-// gives `error=1` (on runtimes since `FAILURE_REPORTED_SINCE`). A foreground child:
-// `@fg(CHILD-WORK-1S x)`. With a password: `RuntimeOptions { password: Some(..), .. }`; the
-// harness gives `run` the password, `Taskgate::start` gives it to taskgate's own reads, and
-// `http_get(gate_url, None)` must get 401.
+// The same scenarios through taskgate are in tests/real_taskgate.rs.
