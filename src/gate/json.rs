@@ -29,13 +29,9 @@ pub(super) async fn prompt(
     response: Response<Body>,
 ) -> Response<Body> {
     let inner = &gate.inner;
-    let (mut parts, body) = response.into_parts();
-    let original = match read_limited(body, inner.inspect_limit).await {
-        Ok(bytes) => bytes,
-        Err(passthrough) => {
-            gate.count_uninspected("too_large");
-            return Response::from_parts(parts, passthrough);
-        }
+    let (mut parts, original) = match read_whole(gate, response).await {
+        Ok(read) => read,
+        Err(passthrough) => return passthrough,
     };
     let guard = inner.holds.open(HoldKind::Prompt, &session.id, &session.id);
     let deadline = Instant::now() + inner.config.max_hold.0;
@@ -85,13 +81,9 @@ pub(super) async fn status(
     response: Response<Body>,
 ) -> Response<Body> {
     let inner = &gate.inner;
-    let (mut parts, body) = response.into_parts();
-    let original = match read_limited(body, inner.inspect_limit).await {
-        Ok(bytes) => bytes,
-        Err(passthrough) => {
-            gate.count_uninspected("too_large");
-            return Response::from_parts(parts, passthrough);
-        }
+    let (mut parts, original) = match read_whole(gate, response).await {
+        Ok(read) => read,
+        Err(passthrough) => return passthrough,
     };
     let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(&original) else {
         gate.count_uninspected("not_json");
@@ -154,13 +146,9 @@ pub(super) async fn status(
 /// `state.metadata.taskgate.original`.
 pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>) -> Response<Body> {
     let inner = &gate.inner;
-    let (mut parts, body) = response.into_parts();
-    let original = match read_limited(body, inner.inspect_limit).await {
-        Ok(bytes) => bytes,
-        Err(passthrough) => {
-            gate.count_uninspected("too_large");
-            return Response::from_parts(parts, passthrough);
-        }
+    let (mut parts, original) = match read_whole(gate, response).await {
+        Ok(read) => read,
+        Err(passthrough) => return passthrough,
     };
     let Ok(mut value) = serde_json::from_slice::<Value>(&original) else {
         gate.count_uninspected("not_json");
@@ -306,6 +294,22 @@ fn replace_body(parts: &mut http::response::Parts, value: Value) -> Response<Bod
     *response.version_mut() = parts.version;
     *response.headers_mut() = std::mem::take(&mut parts.headers);
     response
+}
+
+/// Reads an intercepted response whole, or hands it back unread (counted) when it is larger
+/// than `proxy.inspect_limit_bytes`.
+async fn read_whole(
+    gate: &Gate,
+    response: Response<Body>,
+) -> Result<(http::response::Parts, Bytes), Response<Body>> {
+    let (parts, body) = response.into_parts();
+    match read_limited(body, gate.inner.inspect_limit).await {
+        Ok(bytes) => Ok((parts, bytes)),
+        Err(passthrough) => {
+            gate.count_uninspected("too_large");
+            Err(Response::from_parts(parts, passthrough))
+        }
+    }
 }
 
 /// Reads `body` whole if it is at most `limit` bytes. Otherwise returns a body that replays
