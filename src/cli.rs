@@ -195,6 +195,14 @@ async fn serve(common: CommonArgs) -> ExitCode {
     };
     tracing::info!(listen = %config.proxy.listen, upstream = %config.proxy.upstream, "taskgate serving");
     let shutdown = shutdown_on_signal();
+    // One oracle for both faces when they read the same runtime: one event subscription, and
+    // each tree read once per interval however many wait on it, from either face.
+    let model_shares = config.model.runtime_url(&config.proxy) == config.proxy.upstream;
+    let oracle = (config.gate.enabled || (config.model.enabled && model_shares)).then(|| {
+        let oracle = crate::oracle::Oracle::new(&config);
+        oracle.start(shutdown.clone());
+        oracle
+    });
     // `[model] enabled`: the model face runs beside the client face, on its own listener, and
     // stops with it.
     let model = if config.model.enabled {
@@ -210,18 +218,20 @@ async fn serve(common: CommonArgs) -> ExitCode {
         Some(tokio::spawn(crate::model::run(
             model_listener,
             config.clone(),
+            oracle.clone(),
             shutdown.clone(),
         )))
     } else {
         None
     };
-    let mut code = match crate::proxy::run(listener, config, shutdown.clone()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("taskgate: {e}");
-            ExitCode::from(1)
-        }
-    };
+    let mut code =
+        match crate::proxy::run_with_oracle(listener, config, oracle, shutdown.clone()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("taskgate: {e}");
+                ExitCode::from(1)
+            }
+        };
     if let Some(model) = model {
         shutdown.cancel();
         match model.await {

@@ -49,7 +49,12 @@ async fn start_face(config: Config) -> (String, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    tokio::spawn(taskgate::model::run(listener, config, shutdown.clone()));
+    tokio::spawn(taskgate::model::run(
+        listener,
+        config,
+        None,
+        shutdown.clone(),
+    ));
     (url, shutdown)
 }
 

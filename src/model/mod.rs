@@ -146,16 +146,25 @@ impl ModelFace {
 }
 
 /// Serves the model face on `listener` until `shutdown`, with an [`Oracle`] reading
-/// `model.runtime` (default `proxy.upstream`).
+/// `model.runtime` (default `proxy.upstream`): `shared` (the client face's, already started)
+/// when it reads that same runtime, else one of its own.
 pub async fn run(
     listener: TcpListener,
     config: Config,
+    shared: Option<Oracle>,
     shutdown: CancellationToken,
 ) -> Result<(), ModelError> {
-    let mut oracle_config = config.clone();
-    oracle_config.proxy.upstream = config.model.runtime_url(&config.proxy).to_owned();
-    let oracle = Oracle::new(&oracle_config);
-    oracle.start(shutdown.clone());
+    let runtime = config.model.runtime_url(&config.proxy).to_owned();
+    let oracle = match shared.filter(|_| runtime == config.proxy.upstream) {
+        Some(oracle) => oracle,
+        None => {
+            let mut oracle_config = config.clone();
+            oracle_config.proxy.upstream = runtime;
+            let oracle = Oracle::new(&oracle_config);
+            oracle.start(shutdown.clone());
+            oracle
+        }
+    };
     let face = ModelFace::new(&config, Arc::new(oracle))?;
     serve(listener, face, shutdown).await
 }

@@ -145,19 +145,27 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let metrics = Metrics::new();
-    let gate = if config.gate.enabled {
+    let oracle = config.gate.enabled.then(|| {
         let oracle = crate::oracle::Oracle::new(&config);
         oracle.start(shutdown.clone());
-        Some(Gate::new(
-            &config,
-            oracle,
-            metrics.clone(),
-            shutdown.clone(),
-        ))
-    } else {
-        None
-    };
+        oracle
+    });
+    run_with_oracle(listener, config, oracle, shutdown).await
+}
+
+/// [`run`] with an oracle the caller started and shares (with the model face, so one runtime
+/// is watched once and each tree read once per interval for both faces). The gate is on when
+/// `gate.enabled` and an oracle is given.
+pub async fn run_with_oracle(
+    listener: TcpListener,
+    config: Config,
+    oracle: Option<crate::oracle::Oracle>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let metrics = Metrics::new();
+    let gate = oracle
+        .filter(|_| config.gate.enabled)
+        .map(|oracle| Gate::new(&config, oracle, metrics.clone(), shutdown.clone()));
     let state = ProxyState::new(config, metrics, gate)?;
     serve(listener, state, shutdown).await
 }
