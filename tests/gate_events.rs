@@ -1,0 +1,189 @@
+//! The event-stream gate, frame by frame, against a scripted runtime whose events the test
+//! sends one at a time: a held idle never delays heartbeats or other sessions' events, is
+//! dropped when the session works again, and is released, in order, once the tree is terminal.
+
+#[path = "support/oracle.rs"]
+mod oracle;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use oracle::{Data, Upstream, CHILD, PARENT};
+use serde_json::{json, Value};
+use taskgate::config::{Config, HumanDuration};
+use taskgate::opencode::sse::SseDecoder;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+const OTHER: &str = "ses_otherotherotherotherother1";
+
+/// taskgate in front of the scripted runtime, and a `/global/event` subscriber through it.
+struct Setup {
+    up: Upstream,
+    events: mpsc::UnboundedReceiver<Value>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn setup(data: Data) -> Setup {
+    let up = Upstream::start(data, None).await;
+    let mut config = Config::defaults();
+    config.proxy.upstream = up.url.clone();
+    config.gate.settle_window = HumanDuration(Duration::from_millis(100));
+    config.oracle.poll_interval = HumanDuration(Duration::from_millis(50));
+    let shutdown = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(taskgate::proxy::run(listener, config, shutdown.clone()));
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let response = client
+        .get(format!("{proxy}/global/event").parse().unwrap())
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut decoder = SseDecoder::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            for f in decoder.push(&data) {
+                if let Ok(v) = serde_json::from_str::<Value>(&f.data) {
+                    let _ = tx.send(v["payload"].clone());
+                }
+            }
+        }
+    });
+    // The stream is open end to end once the runtime's greeting came through.
+    let first = next(&mut events).await;
+    assert_eq!(first["type"], "server.connected");
+    Setup {
+        up,
+        events,
+        shutdown,
+    }
+}
+
+async fn next(events: &mut mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(PATIENCE, events.recv())
+        .await
+        .expect("an event arrived")
+        .expect("the stream is open")
+}
+
+fn status(session: &str, kind: &str) -> Value {
+    json!({"type": "session.status", "properties": {"sessionID": session, "status": {"type": kind}}})
+}
+
+fn idle(session: &str) -> Value {
+    json!({"type": "session.idle", "properties": {"sessionID": session}})
+}
+
+fn heartbeat() -> Value {
+    json!({"type": "server.heartbeat", "properties": {}})
+}
+
+fn describe(event: &Value) -> String {
+    let kind = event["type"].as_str().unwrap_or("?");
+    match event["properties"]["sessionID"].as_str() {
+        Some(s) => format!("{kind} {s}"),
+        None => kind.to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_idle_delays_nothing_else_and_is_released_in_order_when_the_tree_is_done() {
+    let mut s = setup(Data::child_busy()).await;
+    let histories = || {
+        s.up.double
+            .message_reads
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = histories();
+    s.up.double.emit(status(PARENT, "idle"));
+    s.up.double.emit(idle(PARENT));
+    // The gate's first read of the tree (the parent's and the child's histories) sees the child
+    // busy; only then does the test let the child finish.
+    oracle::eventually("the gate's read of the tree", PATIENCE, || {
+        histories() >= before + 2
+    })
+    .await;
+    s.up.double.emit(heartbeat());
+    s.up.double.emit(status(OTHER, "busy"));
+    // The parent's idles are held (its child works); what came after them passes at once.
+    assert_eq!(describe(&next(&mut s.events).await), "server.heartbeat");
+    assert_eq!(
+        describe(&next(&mut s.events).await),
+        format!("session.status {OTHER}")
+    );
+
+    // The child finishes and the parent answers the injected result: the tree is terminal.
+    s.up.double.set(Data::all_done());
+    s.up.double.emit(status(CHILD, "idle"));
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(describe(&next(&mut s.events).await));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            format!("session.status {CHILD}"),
+            format!("session.status {PARENT}"),
+            format!("session.idle {PARENT}"),
+        ],
+        "the held idles come out in their original order, after the tree is done"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_idle_is_dropped_when_the_session_works_again() {
+    let mut s = setup(Data::child_busy()).await;
+    s.up.double.emit(idle(PARENT));
+    // The runtime injects the child's result: the parent is busy again.
+    s.up.double.emit(status(PARENT, "busy"));
+    assert_eq!(
+        describe(&next(&mut s.events).await),
+        format!("session.status {PARENT}")
+    );
+    // The later idle, once the tree is done, is the only one the client sees.
+    s.up.double.set(Data::all_done());
+    s.up.double.emit(idle(PARENT));
+    s.up.double.emit(heartbeat());
+    assert_eq!(describe(&next(&mut s.events).await), "server.heartbeat");
+    assert_eq!(
+        describe(&next(&mut s.events).await),
+        format!("session.idle {PARENT}")
+    );
+    s.up.double.emit(status(OTHER, "busy"));
+    assert_eq!(
+        describe(&next(&mut s.events).await),
+        format!("session.status {OTHER}"),
+        "no second (dropped) idle came through"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_the_gate_cannot_parse_pass_untouched() {
+    let mut s = setup(Data::child_busy()).await;
+    s.up.double
+        .emit(json!({"type": "unknown.kind", "properties": {"x": [1, 2]}}));
+    s.up.double.emit(json!({"no_type": true}));
+    let a = next(&mut s.events).await;
+    assert_eq!(
+        a,
+        json!({"type": "unknown.kind", "properties": {"x": [1, 2]}})
+    );
+    let b = next(&mut s.events).await;
+    assert_eq!(b, json!({"no_type": true}));
+}
