@@ -173,6 +173,25 @@ fn plain() -> Scenario {
     }
 }
 
+/// The recorded parent: one launch, "launched, ending my turn", then the answer to the
+/// injected result.
+fn parent_of(launch: Step) -> Agent {
+    agent(
+        "build",
+        vec![
+            vec![
+                Step::Think(100),
+                launch,
+                Step::Say("launched, ending my turn"),
+            ],
+            vec![
+                Step::Think(100),
+                Step::Say("FINAL: parent got the child result"),
+            ],
+        ],
+    )
+}
+
 fn bg_child() -> Scenario {
     Scenario {
         name: "bg-child",
@@ -281,20 +300,7 @@ fn grandchild() -> Scenario {
     Scenario {
         name: "grandchild",
         summary: "a child launches a grandchild and goes idle; its result is injected early",
-        root: agent(
-            "build",
-            vec![
-                vec![
-                    Step::Think(100),
-                    launch("child job", LaunchStyle::Background, child),
-                    Step::Say("launched, ending my turn"),
-                ],
-                vec![
-                    Step::Think(100),
-                    Step::Say("FINAL: parent got the child result"),
-                ],
-            ],
-        ),
+        root: parent_of(launch("child job", LaunchStyle::Background, child)),
         plugin: vec![],
     }
 }
@@ -408,24 +414,11 @@ fn child_abort() -> Scenario {
         name: "child-abort",
         summary:
             "a long background child meant to be aborted by the user (POST /session/:child/abort)",
-        root: agent(
-            "build",
-            vec![
-                vec![
-                    Step::Think(100),
-                    launch(
-                        "child job",
-                        LaunchStyle::Background,
-                        worker(6000, "child finished the work"),
-                    ),
-                    Step::Say("launched, ending my turn"),
-                ],
-                vec![
-                    Step::Think(100),
-                    Step::Say("FINAL: parent got the child result"),
-                ],
-            ],
-        ),
+        root: parent_of(launch(
+            "child job",
+            LaunchStyle::Background,
+            worker(6000, "child finished the work"),
+        )),
         plugin: vec![],
     }
 }
@@ -434,36 +427,23 @@ fn retry() -> Scenario {
     Scenario {
         name: "retry",
         summary: "the background child spends 1.5 s in status retry in the middle of its work",
-        root: agent(
-            "build",
-            vec![
-                vec![
-                    Step::Think(100),
-                    launch(
-                        "child job",
-                        LaunchStyle::Background,
-                        agent(
-                            "general",
-                            vec![vec![
-                                Step::Think(800),
-                                Step::Retry {
-                                    attempt: 2,
-                                    message: "Provider is overloaded",
-                                    ms: 1500,
-                                },
-                                Step::Think(800),
-                                Step::Say("child finished the work after a retry"),
-                            ]],
-                        ),
-                    ),
-                    Step::Say("launched, ending my turn"),
-                ],
-                vec![
-                    Step::Think(100),
-                    Step::Say("FINAL: parent got the child result"),
-                ],
-            ],
-        ),
+        root: parent_of(launch(
+            "child job",
+            LaunchStyle::Background,
+            agent(
+                "general",
+                vec![vec![
+                    Step::Think(800),
+                    Step::Retry {
+                        attempt: 2,
+                        message: "Provider is overloaded",
+                        ms: 1500,
+                    },
+                    Step::Think(800),
+                    Step::Say("child finished the work after a retry"),
+                ]],
+            ),
+        )),
         plugin: vec![],
     }
 }
@@ -472,27 +452,14 @@ fn late_inject() -> Scenario {
     Scenario {
         name: "late-inject",
         summary: "the child goes idle; its result reaches the parent 2 s later",
-        root: agent(
-            "build",
-            vec![
-                vec![
-                    Step::Think(100),
-                    Step::Launch(Launch {
-                        label: "child job",
-                        description: "child job",
-                        prompt: "CHILD-WORK do the thing",
-                        style: LaunchStyle::Background,
-                        child: worker(1500, "child finished the work"),
-                        inject_delay_ms: 2000,
-                    }),
-                    Step::Say("launched, ending my turn"),
-                ],
-                vec![
-                    Step::Think(100),
-                    Step::Say("FINAL: parent got the child result"),
-                ],
-            ],
-        ),
+        root: parent_of(Step::Launch(Launch {
+            label: "child job",
+            description: "child job",
+            prompt: "CHILD-WORK do the thing",
+            style: LaunchStyle::Background,
+            child: worker(1500, "child finished the work"),
+            inject_delay_ms: 2000,
+        })),
         plugin: vec![],
     }
 }
@@ -501,31 +468,18 @@ fn status_missing() -> Scenario {
     Scenario {
         name: "status-missing",
         summary: "the child exists but is absent from /session/status for 2 s before going busy",
-        root: agent(
-            "build",
-            vec![
-                vec![
-                    Step::Think(100),
-                    launch(
-                        "child job",
-                        LaunchStyle::Background,
-                        Agent {
-                            agent: "general",
-                            start_delay_ms: 2000,
-                            turns: vec![vec![
-                                Step::Think(1500),
-                                Step::Say("child finished the work"),
-                            ]],
-                        },
-                    ),
-                    Step::Say("launched, ending my turn"),
-                ],
-                vec![
-                    Step::Think(100),
-                    Step::Say("FINAL: parent got the child result"),
-                ],
-            ],
-        ),
+        root: parent_of(launch(
+            "child job",
+            LaunchStyle::Background,
+            Agent {
+                agent: "general",
+                start_delay_ms: 2000,
+                turns: vec![vec![
+                    Step::Think(1500),
+                    Step::Say("child finished the work"),
+                ]],
+            },
+        )),
         plugin: vec![],
     }
 }
