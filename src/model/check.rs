@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::format::{self, Format, Slot, TextSlot};
 use super::truth::{Finding, Truth};
-use crate::gate::claims::{self, Claim, ClaimTools, Claimed};
+use crate::gate::claims::{self, ChildLink, Claim, ClaimTools, Claimed};
 use crate::gate::json::resolve;
 use crate::oracle::{SessionRef, Verdict};
 
@@ -58,6 +58,17 @@ pub(super) async fn correct(
     }
     // Oldest first, so a retried launch that gave a `bg_` id a new session wins.
     let mut launches = HashMap::new();
+    // Launches the runtime's own tool parts showed, for ids the conversation does not explain
+    // (a trimmed or compacted history); the conversation's own launches override them.
+    for (_, _, claim) in &claimed {
+        for child in &claim.children {
+            if let ChildLink::Background(bg) = child {
+                if let Some(session) = truth.background_session(bg) {
+                    launches.insert(bg.clone(), session);
+                }
+            }
+        }
+    }
     for text in format::all_result_texts(format, &value) {
         launches.extend(claims::launches(&text, None));
     }
@@ -208,6 +219,59 @@ mod tests {
             started_ago: None,
             last_activity_ago: None,
         }
+    }
+
+    /// A truth that knows one `bg_` launch from the runtime's tool parts, whose child was
+    /// aborted.
+    struct KnowsLaunch;
+
+    impl Truth for KnowsLaunch {
+        fn settle<'a>(
+            &'a self,
+            child: &'a SessionRef,
+            _deadline: Instant,
+        ) -> futures_util::future::BoxFuture<'a, Finding> {
+            let verdict = if child.id == "ses_child" {
+                Verdict::Aborted {
+                    session: "ses_child".into(),
+                    message: "MessageAbortedError".into(),
+                }
+            } else {
+                Verdict::Unknown {
+                    reason: format!("asked about {}", child.id),
+                }
+            };
+            Box::pin(async move { finding(verdict) })
+        }
+
+        fn background_session(&self, task_id: &str) -> Option<String> {
+            (task_id == "bg_04817ab3").then(|| "ses_child".to_owned())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bg_id_the_conversation_does_not_explain_is_linked_through_the_runtime() {
+        // The launch is not in this (compacted) conversation; only the claim is.
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "background_output", "arguments": "{\"task_id\":\"bg_04817ab3\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1",
+             "content": "# Task Status\n\n| Task ID | `bg_04817ab3` |\n| Status | **completed** |"}
+        ]});
+        let tools = ClaimTools::new(&["background_output".to_owned()]);
+        let out = correct(
+            &KnowsLaunch,
+            &tools,
+            Format::OpenAiChat,
+            body.to_string().as_bytes(),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("the claim was checked against the linked child and corrected");
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("ses_child"), "{text}");
+        assert!(text.contains("abort"), "{text}");
     }
 
     #[test]

@@ -29,9 +29,19 @@ pub trait Truth: Send + Sync {
     /// Waits until `child`'s tree is terminal, or until `deadline`, and says what it found.
     /// Cancel-safe: dropping the future (the runtime hung up on the held request) ends the wait.
     fn settle<'a>(&'a self, child: &'a SessionRef, deadline: Instant) -> BoxFuture<'a, Finding>;
+
+    /// The child session an oh-my-opencode `bg_…` id stands for, from the runtime's own tool
+    /// parts, for claims whose conversation does not carry the launch.
+    fn background_session(&self, _task_id: &str) -> Option<String> {
+        None
+    }
 }
 
 impl Truth for Oracle {
+    fn background_session(&self, task_id: &str) -> Option<String> {
+        self.watch_state().background_session(task_id)
+    }
+
     fn settle<'a>(&'a self, child: &'a SessionRef, deadline: Instant) -> BoxFuture<'a, Finding> {
         Box::pin(async move {
             let first = match self.decide_checked(child).await {

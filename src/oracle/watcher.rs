@@ -17,7 +17,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::opencode::sse::SseDecoder;
-use crate::opencode::{task_tags, Event, MessageInfo, Part, Role, SessionStatus, StatusMap};
+use crate::opencode::{
+    task_tags, Event, LaunchStyle, MessageInfo, Part, Role, SessionStatus, StatusMap,
+};
 
 use super::client::RuntimeClient;
 
@@ -50,6 +52,9 @@ pub struct SessionState {
 /// Shared between the watcher task and every reader.
 pub struct WatchState {
     sessions: Mutex<HashMap<String, SessionState>>,
+    /// oh-my-opencode `bg_…` ids → the child session each launch started, from the runtime's
+    /// own tool parts (the latest launch wins: a retry can give a `bg_` id a new session).
+    background: Mutex<HashMap<String, String>>,
     seq: AtomicU64,
     /// Sequence number of the last reconnect: everything read before it may have missed events.
     reset_at: AtomicU64,
@@ -61,6 +66,7 @@ impl Default for WatchState {
     fn default() -> Self {
         WatchState {
             sessions: Mutex::new(HashMap::new()),
+            background: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             reset_at: AtomicU64::new(0),
             connected: AtomicBool::new(false),
@@ -104,6 +110,15 @@ impl WatchState {
         self.sessions().get(id).cloned()
     }
 
+    /// The child session an oh-my-opencode `bg_…` id was launched as, if a launch was seen.
+    pub fn background_session(&self, task_id: &str) -> Option<String> {
+        self.background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(task_id)
+            .cloned()
+    }
+
     fn bump(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::SeqCst) + 1
     }
@@ -139,6 +154,17 @@ impl WatchState {
                         s.children.insert(child.to_owned());
                     }
                     if let Some(launch) = tool.background_launch() {
+                        let task_id = match &launch.style {
+                            LaunchStyle::OhMyOpencode { task_id } => task_id.clone(),
+                            LaunchStyle::Native => None,
+                        }
+                        .or_else(|| tool.background_task_id().map(str::to_owned));
+                        if let Some(task_id) = task_id {
+                            self.background
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(task_id, launch.child.clone());
+                        }
                         s.children.insert(launch.child.clone());
                         s.launches.insert(launch.child);
                     }
@@ -264,6 +290,25 @@ mod tests {
 
     const PARENT: &str = "ses_df4c7ac0effeZp1S7fWTeAToXq";
     const CHILD: &str = "ses_df4c7ab9bffecks0CL3iL16K45";
+
+    #[test]
+    fn background_task_ids_are_linked_from_the_runtimes_launch_parts() {
+        let state = WatchState::default();
+        let output = format!(
+            "Background task launched.\n\nBackground Task ID: bg_04817ab3\nStatus: pending\n\n<task_metadata>\nsession_id: {CHILD}\nbackground_task_id: bg_04817ab3\n</task_metadata>"
+        );
+        let event = serde_json::json!({"type": "message.part.updated", "properties": {
+            "sessionID": PARENT,
+            "part": {"id": "prt_1", "sessionID": PARENT, "messageID": "msg_1", "type": "tool",
+                     "tool": "task", "callID": "c1",
+                     "state": {"status": "completed", "input": {}, "output": output}}}});
+        state.record(&Event::parse(event.to_string().as_bytes()).unwrap());
+        assert_eq!(
+            state.background_session("bg_04817ab3").as_deref(),
+            Some(CHILD)
+        );
+        assert_eq!(state.background_session("bg_ffffffff"), None);
+    }
 
     #[test]
     fn the_recorded_run_leaves_the_expected_state() {
