@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use super::claims::{self, Claim};
 use super::holds::{HoldGuard, HoldKind};
-use super::json::{learn_launches, resolve};
+use super::json::learn_launches;
 use super::{annotate_part, Gate};
 use crate::opencode::sse::{self, Chunk, Framer};
 use crate::opencode::Event;
@@ -279,7 +279,7 @@ impl Relay {
         let Some(claim) = claim else {
             return Action::Pass;
         };
-        let children = resolve(&claim.children, &self.launches);
+        let children = self.gate.children_of(&claim, &self.launches);
         if children.is_empty() {
             tracing::warn!(
                 source = claim.source.name(),

@@ -183,7 +183,7 @@ pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>)
             let Some(claim) = claims::tool_part(&inner.tools, part) else {
                 continue;
             };
-            let children = resolve(&claim.children, &launches);
+            let children = gate.children_of(&claim, &launches);
             let mut running: Option<(String, Decision)> = None;
             for child in children {
                 let decision = match verdicts.get(&child) {

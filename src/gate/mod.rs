@@ -152,6 +152,26 @@ impl Gate {
         serde_json::json!({ "holds": self.inner.holds.snapshot() })
     }
 
+    /// Session ids of a claim's children: `bg_…` ids through the launches seen with the claim
+    /// (same stream or same history), else through every launch the oracle's watcher saw.
+    fn children_of(
+        &self,
+        claim: &claims::Claim,
+        launches: &std::collections::HashMap<String, String>,
+    ) -> Vec<String> {
+        let mut known = launches.clone();
+        for child in &claim.children {
+            if let claims::ChildLink::Background(bg) = child {
+                if !known.contains_key(bg) {
+                    if let Some(session) = self.inner.oracle.watch_state().background_session(bg) {
+                        known.insert(bg.clone(), session);
+                    }
+                }
+            }
+        }
+        json::resolve(&claim.children, &known)
+    }
+
     fn count_uninspected(&self, kind: &'static str) {
         self.inner
             .metrics
