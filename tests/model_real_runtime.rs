@@ -10,15 +10,12 @@ mod provider;
 #[path = "support/runtime.rs"]
 mod runtime;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provider::{ScriptedProvider, Turn, PARENT_FINAL};
 use runtime::{runtime_or_skip, Runtime, RuntimeOptions};
 use serde_json::Value;
 use taskgate::config::Config;
-use taskgate::model::ModelFace;
-use taskgate::oracle::Oracle;
 use tokio_util::sync::CancellationToken;
 
 const SETTLE: Duration = Duration::from_secs(90);
@@ -46,10 +43,12 @@ async fn a_background_run_through_the_model_face_reaches_the_model_intact_and_fi
     )
     .unwrap();
     let shutdown = CancellationToken::new();
-    let oracle = Oracle::new(&config);
-    oracle.start(shutdown.clone());
-    let face = ModelFace::new(&config, Arc::new(oracle)).unwrap();
-    tokio::spawn(taskgate::model::serve(listener, face, shutdown.clone()));
+    tokio::spawn(taskgate::model::run(
+        listener,
+        config,
+        None,
+        shutdown.clone(),
+    ));
 
     let out = rt
         .run(

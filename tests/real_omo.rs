@@ -18,7 +18,6 @@ mod provider;
 mod runtime;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provider::{
@@ -30,8 +29,6 @@ use runtime::{
 };
 use serde_json::{json, Value};
 use taskgate::config::Config;
-use taskgate::model::ModelFace;
-use taskgate::oracle::Oracle;
 use tokio_util::sync::CancellationToken;
 
 /// Bound for each step of the scenario; a run takes seconds (the plugin polls every 3 s).
@@ -174,19 +171,6 @@ async fn wait_background_output_part(rt: &Runtime, root: &str) -> Value {
     }
 }
 
-/// Every text part of `session`'s assistant messages, as the runtime recorded them.
-async fn assistant_texts(rt: &Runtime, session: &str) -> Vec<String> {
-    let msgs = rt.get_json(&format!("/session/{session}/message")).await;
-    msgs.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m.pointer("/info/role").and_then(Value::as_str) == Some("assistant"))
-        .flat_map(|m| m["parts"].as_array().cloned().unwrap_or_default())
-        .filter(|p| p["type"] == "text")
-        .filter_map(|p| p["text"].as_str().map(str::to_string))
-        .collect()
-}
-
 fn plugin_log(rt: &Runtime) -> String {
     std::fs::read_to_string(rt.tmp_dir().join("oh-my-opencode.log")).unwrap_or_default()
 }
@@ -238,7 +222,7 @@ async fn the_plugin_hands_the_parent_a_task_result_while_the_grandchild_still_wo
         provider.describe()
     );
     assert!(
-        !assistant_texts(&rt, &child)
+        !rt.assistant_texts(&child)
             .await
             .iter()
             .any(|t| t.contains(OMO_CHILD_FINAL)),
@@ -249,7 +233,8 @@ async fn the_plugin_hands_the_parent_a_task_result_while_the_grandchild_still_wo
     // answer, which the root was never given.
     provider.release("direct");
     let end = Instant::now() + STEP;
-    while !assistant_texts(&rt, &child)
+    while !rt
+        .assistant_texts(&child)
         .await
         .iter()
         .any(|t| t.contains(OMO_CHILD_FINAL))
@@ -288,10 +273,12 @@ async fn through_the_model_face_the_parent_reads_the_truth_instead_of_the_premat
     )
     .unwrap();
     let shutdown = CancellationToken::new();
-    let oracle = Oracle::new(&config);
-    oracle.start(shutdown.clone());
-    let face = ModelFace::new(&config, Arc::new(oracle)).unwrap();
-    tokio::spawn(taskgate::model::serve(listener, face, shutdown.clone()));
+    tokio::spawn(taskgate::model::run(
+        listener,
+        config,
+        None,
+        shutdown.clone(),
+    ));
 
     let root = prompt_root(&rt, "face").await;
     // The runtime has run the tool: its output is the plugin's false claim, and the runtime's
@@ -350,7 +337,8 @@ async fn through_the_model_face_the_parent_reads_the_truth_instead_of_the_premat
 
     // The model's answer, streamed through the face, reaches the runtime.
     let end = Instant::now() + STEP;
-    while !assistant_texts(&rt, &root)
+    while !rt
+        .assistant_texts(&root)
         .await
         .iter()
         .any(|t| t.contains(OMO_PARENT_READ))

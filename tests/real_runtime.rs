@@ -27,35 +27,9 @@ const SETTLE: Duration = Duration::from_secs(60);
 
 /// The one root session of a fresh runtime.
 async fn root_session(rt: &Runtime) -> Value {
-    let roots: Vec<Value> = rt
-        .sessions()
-        .await
-        .into_iter()
-        .filter(|s| s.get("parentID").is_none())
-        .collect();
+    let roots = rt.root_sessions().await;
     assert_eq!(roots.len(), 1, "expected one root session: {roots:?}");
     roots.into_iter().next().unwrap()
-}
-
-/// Child sessions of `parent` (`GET /session/:id/children`).
-async fn children(rt: &Runtime, parent: &str) -> Vec<Value> {
-    match rt.get_json(&format!("/session/{parent}/children")).await {
-        Value::Array(a) => a,
-        other => panic!("unexpected children: {other}"),
-    }
-}
-
-/// Every text part of every assistant message of `session`, oldest first.
-async fn assistant_texts(rt: &Runtime, session: &str) -> Vec<String> {
-    let msgs = rt.get_json(&format!("/session/{session}/message")).await;
-    msgs.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m.pointer("/info/role").and_then(Value::as_str) == Some("assistant"))
-        .flat_map(|m| m["parts"].as_array().cloned().unwrap_or_default())
-        .filter(|p| p["type"] == "text")
-        .filter_map(|p| p["text"].as_str().map(str::to_string))
-        .collect()
 }
 
 /// Polls until `session`'s assistant texts contain `needle`, panicking after `deadline`.
@@ -68,7 +42,7 @@ async fn wait_for_text(
 ) {
     let end = Instant::now() + deadline;
     loop {
-        let texts = assistant_texts(rt, session).await;
+        let texts = rt.assistant_texts(session).await;
         if texts.iter().any(|t| t.contains(needle)) {
             return;
         }
@@ -174,7 +148,7 @@ async fn direct_run_exits_while_background_child_is_busy() {
     let busy = rt.busy_sessions().await;
     let root = root_session(&rt).await;
     let root_id = root["id"].as_str().unwrap().to_string();
-    let kids = children(&rt, &root_id).await;
+    let kids = rt.children(&root_id).await;
     assert_eq!(kids.len(), 1, "expected one child: {kids:?}");
     let child_id = kids[0]["id"].as_str().unwrap().to_string();
     eprintln!(
@@ -221,7 +195,7 @@ async fn direct_run_exits_while_background_child_is_busy() {
     wait_for_text(&rt, &provider, &child_id, CHILD_DONE, SETTLE).await;
     wait_for_text(&rt, &provider, &root_id, PARENT_FINAL, SETTLE).await;
     rt.wait_all_idle(SETTLE).await;
-    let texts = assistant_texts(&rt, &root_id).await;
+    let texts = rt.assistant_texts(&root_id).await;
     assert!(
         texts.iter().any(|t| t.contains(PARENT_LAUNCHED)),
         "the parent's first turn should end with the launch note: {texts:?}"
@@ -292,7 +266,7 @@ async fn working_and_failing_background_children_are_reported_to_the_parent() {
     wait_for_text(&rt, &provider, &root_id, expected_final, SETTLE).await;
     rt.wait_all_idle(SETTLE).await;
 
-    let kids = children(&rt, &root_id).await;
+    let kids = rt.children(&root_id).await;
     assert_eq!(kids.len(), 2, "{kids:?}");
     let mut errors = Vec::new();
     for kid in &kids {
@@ -370,7 +344,7 @@ async fn foreground_child_runs_inside_the_parents_turn() {
     );
     let root = root_session(&rt).await;
     let root_id = root["id"].as_str().unwrap();
-    let texts = assistant_texts(&rt, root_id).await;
+    let texts = rt.assistant_texts(root_id).await;
     assert!(texts.iter().any(|t| t.contains(PARENT_FINAL)), "{texts:?}");
 }
 
