@@ -138,14 +138,9 @@ pub async fn run_like_opencode_run(base_url: &str, prompt: &str) -> Result<RunRe
     let returned = Entry {
         at_ms: ms_since(start),
         seen: Seen::Returned {
-            text: response["parts"].as_array().and_then(|parts| {
-                parts
-                    .iter()
-                    .rev()
-                    .find(|p| p["type"] == "text")
-                    .and_then(|p| p["text"].as_str())
-                    .map(str::to_owned)
-            }),
+            text: response["parts"]
+                .as_array()
+                .and_then(|parts| super::engine::last_text(parts)),
         },
     };
 

@@ -498,7 +498,8 @@ fn outcome_of(sim: &Sim, sid: &str, mid: &str) -> LoopOutcome {
     }
 }
 
-fn last_text(parts: &[Value]) -> Option<String> {
+/// The last text part's text (what a client prints as the answer).
+pub(super) fn last_text(parts: &[Value]) -> Option<String> {
     parts
         .iter()
         .rev()
