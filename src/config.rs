@@ -26,6 +26,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TASKGATE_UPSTREAM_PASSWORD", "upstream_auth.password"),
     ("TASKGATE_GATE", "gate.enabled"),
     ("TASKGATE_SETTLE_WINDOW", "gate.settle_window"),
+    ("TASKGATE_REST_BOUND", "gate.rest_bound"),
     ("TASKGATE_MAX_HOLD", "gate.max_hold"),
     ("TASKGATE_POLL_INTERVAL", "oracle.poll_interval"),
     ("TASKGATE_MODEL", "model.enabled"),
@@ -203,8 +204,21 @@ pub struct GateConfig {
     /// A terminal verdict must hold this long, and be re-read, before a claim is released.
     /// Applies only to trees that had background work.
     pub settle_window: HumanDuration,
-    /// After this long a claim is released marked "still running", with a warning.
+    /// The liveness bound: a tree the runtime shows wholly at rest (every session idle, no
+    /// open tool call, no pending user message) is released after resting this long even when
+    /// a background launch was never seen answered. It must outlast oh-my-opencode's wake
+    /// delay (about 10 s after it judges a child done), or a parent's last turn would be cut.
+    pub rest_bound: HumanDuration,
+    /// After this long a claim is released as an explicit error ("still running"), never as a
+    /// success.
     pub max_hold: HumanDuration,
+    /// A held synchronous prompt commits to its `200` status line this long after the request
+    /// started, then keeps the body alive with whitespace: HTTP clients such as Node's fetch
+    /// give up after 300 s without response headers.
+    pub prompt_commit_after: HumanDuration,
+    /// Once committed, a held prompt's body gets one whitespace byte this often (Node's fetch
+    /// also gives up after 300 s without body bytes).
+    pub prompt_keepalive: HumanDuration,
     /// Most events held at once on one event stream; past it, events pass and a warning is logged.
     pub max_held_events: usize,
     /// Rewrite a claim whose verdict contradicts it (claimed completed, child aborted/failed).
@@ -229,7 +243,10 @@ impl Default for GateConfig {
             .map(String::from)
             .to_vec(),
             settle_window: HumanDuration(Duration::from_secs(1)),
+            rest_bound: HumanDuration(Duration::from_secs(20)),
             max_hold: HumanDuration(Duration::from_secs(6 * 3600)),
+            prompt_commit_after: HumanDuration(Duration::from_secs(60)),
+            prompt_keepalive: HumanDuration(Duration::from_secs(20)),
             max_held_events: 10_000,
             rewrite_contradictions: true,
         }
@@ -465,6 +482,18 @@ impl Config {
         if self.gate.max_hold.0.is_zero() {
             return Err(ConfigError::invalid(
                 "gate.max_hold",
+                "must be more than 0s",
+            ));
+        }
+        if self.gate.rest_bound.0 < self.gate.settle_window.0 {
+            return Err(ConfigError::invalid(
+                "gate.rest_bound",
+                "must be at least gate.settle_window (a resting tree is released after both)",
+            ));
+        }
+        if self.gate.prompt_keepalive.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "gate.prompt_keepalive",
                 "must be more than 0s",
             ));
         }

@@ -626,6 +626,34 @@ impl Event {
         })
     }
 
+    /// A `session.error` for `session` in the envelope of `like` (same era, same
+    /// `/global/event` wrapper), for telling a client why something it waits for will not come.
+    pub fn session_error(like: &Event, session: &str, name: &str, message: &str) -> Event {
+        Event {
+            id: like.id.as_ref().map(|_| format!("evt_taskgate_{session}")),
+            kind: "session.error".to_owned(),
+            properties: serde_json::json!({
+                "sessionID": session,
+                "error": {"name": name, "data": {"message": message}},
+            }),
+            directory: like.directory.clone(),
+            project: like.project.clone(),
+        }
+    }
+
+    /// The event as the runtime would send it: `{id?, type, properties}`, inside
+    /// `{directory, project, payload}` when `global`.
+    pub fn to_value(&self, global: bool) -> Value {
+        let mut event = serde_json::json!({"type": self.kind, "properties": self.properties});
+        if let Some(id) = &self.id {
+            event["id"] = Value::String(id.clone());
+        }
+        if !global {
+            return event;
+        }
+        serde_json::json!({"directory": self.directory, "project": self.project, "payload": event})
+    }
+
     pub fn kind(&self) -> &str {
         &self.kind
     }

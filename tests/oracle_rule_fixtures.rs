@@ -26,6 +26,7 @@ fn tree(parent_messages: &str, child_messages: &str, status: &str) -> TreeSnapsh
     let snap = |info: Session, messages: Vec<Message>| SessionSnapshot {
         status: status.get(&info.id).cloned(),
         seen_busy: true,
+        prompt_pending: false,
         info,
         messages,
     };

@@ -378,9 +378,14 @@ impl Relay {
         let decision = match outcome {
             Ok(decision) => decision,
             Err(OracleError::Deadline(decision)) => {
-                tracing::warn!(session = %target, "max_hold reached: releasing held events while the tree still runs");
+                tracing::warn!(session = %target, "max_hold reached: releasing held events as errors while the tree still runs");
                 *decision
             }
+            Err(OracleError::Unverifiable(decision)) => {
+                tracing::warn!(session = %target, reason = %super::holds::reason(&decision.verdict), "cannot read the runtime: releasing held events as errors");
+                *decision
+            }
+            // Shutting down: the stream ends, and held frames are dropped with it.
             Err(OracleError::Cancelled) => return Ok(()),
         };
         for held in self.held.values_mut() {
@@ -398,26 +403,66 @@ impl Relay {
             .collect();
         for seq in ready {
             if let Some(held) = self.held.remove(&seq) {
-                let frame = self.release(held);
-                self.send(frame).await?;
+                for frame in self.release(held) {
+                    self.send(frame).await?;
+                }
             }
         }
         Ok(())
     }
 
-    /// The frame to send for a released hold: idles as they were; claims annotated with
-    /// `metadata.taskgate` and, when the runtime contradicts them, rewritten to the truth.
-    fn release(&self, held: Held) -> Bytes {
+    /// The frames to send for a released hold: an idle as it was, after a `session.error`
+    /// saying why when the tree was not seen to end (max_hold, runtime unreadable, session
+    /// gone); a claim annotated with `metadata.taskgate` and, unless its child's tree
+    /// completed, rewritten to an error saying what is true.
+    fn release(&self, held: Held) -> Vec<Bytes> {
         let (child, verdict) = worst(&held.decided);
         let held_ms = held.guard.release(&verdict);
         let HeldKind::Claim { claim, .. } = &held.kind else {
-            return held.frame;
+            let ended = matches!(
+                verdict,
+                Verdict::Completed { .. } | Verdict::Failed { .. } | Verdict::Aborted { .. }
+            );
+            if ended {
+                return vec![held.frame];
+            }
+            return match self.error_frame(&held.frame, &held.session, &verdict) {
+                Some(error) => vec![error, held.frame],
+                None => vec![held.frame],
+            };
         };
-        let Some(parsed) = sse::parse(&held.frame) else {
-            return held.frame;
+        vec![self.release_claim(&held.frame, claim, &child, &verdict, held_ms)]
+    }
+
+    /// A `session.error` frame in the envelope of `like`, telling why `session`'s idle comes
+    /// without its tree seen to end.
+    fn error_frame(&self, like: &[u8], session: &str, verdict: &Verdict) -> Option<Bytes> {
+        let parsed = sse::parse(like)?;
+        let event = Event::parse(parsed.data.as_bytes())?;
+        let message = format!(
+            "taskgate: session {session}'s tree was not seen to end: {}",
+            super::holds::reason(verdict)
+        );
+        let error = Event::session_error(&event, session, "TaskgateHoldError", &message);
+        Some(Bytes::from(format!(
+            "data: {}\n\n",
+            error.to_value(self.global)
+        )))
+    }
+
+    fn release_claim(
+        &self,
+        frame: &Bytes,
+        claim: &Claim,
+        child: &str,
+        verdict: &Verdict,
+        held_ms: u64,
+    ) -> Bytes {
+        let Some(parsed) = sse::parse(frame) else {
+            return frame.clone();
         };
         let Ok(mut value) = serde_json::from_str::<Value>(&parsed.data) else {
-            return held.frame;
+            return frame.clone();
         };
         let pointer = if self.global {
             "/payload/properties/part"
@@ -425,22 +470,22 @@ impl Relay {
             "/properties/part"
         };
         let Some(part) = value.pointer_mut(pointer) else {
-            return held.frame;
+            return frame.clone();
         };
         let inner = &self.gate.inner;
         if annotate_part(
             part,
             claim,
-            &verdict,
+            verdict,
             held_ms,
-            &child,
+            child,
             inner.config.rewrite_contradictions,
         ) {
             inner.metrics.contradictions.inc();
         }
         match serde_json::to_string(&value) {
-            Ok(data) => sse::replace_data(&held.frame, &data),
-            Err(_) => held.frame,
+            Ok(data) => sse::replace_data(frame, &data),
+            Err(_) => frame.clone(),
         }
     }
 

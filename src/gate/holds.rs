@@ -130,6 +130,16 @@ impl HoldGuard {
         }
     }
 
+    /// The hold's latest reason (what the last read said).
+    pub fn reason(&self) -> String {
+        self.holds
+            .lock()
+            .rows
+            .get(&self.id)
+            .map(|row| row.reason.clone())
+            .unwrap_or_default()
+    }
+
     /// Milliseconds held so far.
     pub fn held_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -164,6 +174,7 @@ pub fn reason(verdict: &Verdict) -> String {
         Verdict::Completed { .. } => "the whole tree is terminal".to_owned(),
         Verdict::Failed { session, message } => format!("{session} failed: {message}"),
         Verdict::Aborted { session, message } => format!("{session} was aborted: {message}"),
+        Verdict::Gone { session } => format!("the runtime no longer knows {session}"),
         Verdict::Unknown { reason } => format!("runtime not readable: {reason}"),
     }
 }

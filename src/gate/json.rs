@@ -8,13 +8,14 @@ use std::collections::HashMap;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderValue, Response};
+use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::claims::{self, ChildLink};
-use super::holds::HoldKind;
+use super::holds::{self, HoldGuard, HoldKind};
 use super::Gate;
 use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
 
@@ -23,9 +24,17 @@ use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
 /// The answer is held until the tree is terminal; if the tree had background work, the body is
 /// then the session's *latest* assistant message, so a client that prints the reply prints the
 /// last word, not the first.
+///
+/// Every release that is not a terminal tree (shutdown, `max_hold`, the session gone, the
+/// runtime unreadable) is an explicit JSON error ([`HoldError`]), never the premature reply.
+/// A hold that outlasts `gate.prompt_commit_after` (counted from the request) commits to the
+/// runtime's status line and keeps the body alive with whitespace, since Node's fetch gives up
+/// after 300 s without headers; a release that is not a terminal tree then cuts the body off,
+/// so no complete JSON document arrives (docs/claims.md).
 pub(super) async fn prompt(
     gate: &Gate,
     session: SessionRef,
+    received: Instant,
     response: Response<Body>,
 ) -> Response<Body> {
     let inner = &gate.inner;
@@ -34,6 +43,76 @@ pub(super) async fn prompt(
         Err(passthrough) => return passthrough,
     };
     let guard = inner.holds.open(HoldKind::Prompt, &session.id, &session.id);
+    let mut wait = Box::pin(release_prompt(
+        gate.clone(),
+        session,
+        guard,
+        original.clone(),
+    ));
+    let commit_at = received + inner.config.prompt_commit_after.0;
+    tokio::select! {
+        released = &mut wait => {
+            return match released {
+                Ok(reply) => {
+                    mark(&mut parts.headers, reply.verdict, reply.held_ms);
+                    if reply.body != original {
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                    }
+                    Response::from_parts(parts, Body::from(reply.body))
+                }
+                Err(error) => error.into_response(),
+            };
+        }
+        _ = tokio::time::sleep_until(commit_at) => {}
+    }
+    // Committed: the status line and headers go now; the body follows when the tree is done.
+    let keepalive = inner.config.prompt_keepalive.0;
+    let (tx, rx) = mpsc::channel::<Result<Bytes, HoldError>>(2);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+        loop {
+            tokio::select! {
+                released = &mut wait => {
+                    // An error item makes hyper abort the body: the client's read fails.
+                    let _ = tx.send(released.map(|reply| reply.body)).await;
+                    break;
+                }
+                _ = tick.tick() => {
+                    // JSON allows whitespace before the value.
+                    if tx.send(Ok(Bytes::from_static(b" "))).await.is_err() {
+                        break;
+                    }
+                }
+                // The client went away: dropping the wait drops the hold.
+                _ = tx.closed() => break,
+            }
+        }
+    });
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert("x-taskgate-verdict", HeaderValue::from_static("pending"));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// A held prompt released on a terminal tree.
+struct Reply {
+    verdict: &'static str,
+    held_ms: u64,
+    body: Bytes,
+}
+
+/// Waits for the prompt's tree and makes the reply, or the error that replaces it.
+async fn release_prompt(
+    gate: Gate,
+    session: SessionRef,
+    guard: HoldGuard,
+    original: Bytes,
+) -> Result<Reply, HoldError> {
+    let inner = &gate.inner;
     let deadline = Instant::now() + inner.config.max_hold.0;
     let outcome = tokio::select! {
         outcome = inner.oracle.wait_terminal(&session, Some(deadline)) => outcome,
@@ -42,33 +121,98 @@ pub(super) async fn prompt(
     let decision = match outcome {
         Ok(decision) => decision,
         Err(OracleError::Deadline(decision)) => {
-            tracing::warn!(session = %session.id, "max_hold reached: releasing the prompt reply while the tree still runs");
-            *decision
+            tracing::warn!(session = %session.id, "max_hold reached: the prompt's tree still runs; answering with an error");
+            guard.release(&decision.verdict);
+            return Err(HoldError::StillRunning {
+                session: session.id,
+                reason: holds::reason(&decision.verdict),
+            });
         }
         Err(OracleError::Cancelled) => {
-            // Shutting down: the client gets the reply it would have had, marked unverified.
-            let held_ms = guard.held_ms();
-            drop(guard);
-            mark(&mut parts.headers, "running", held_ms);
-            return Response::from_parts(parts, Body::from(original));
+            return Err(HoldError::ShuttingDown {
+                session: session.id,
+                reason: guard.reason(),
+            });
+        }
+        Err(OracleError::Unverifiable(decision)) => {
+            tracing::warn!(session = %session.id, reason = %holds::reason(&decision.verdict), "cannot read the runtime: answering the held prompt with an error");
+            guard.release(&decision.verdict);
+            return Err(HoldError::Unverifiable {
+                session: session.id,
+                reason: holds::reason(&decision.verdict),
+            });
         }
     };
     guard.update(&decision.verdict);
     let held_ms = guard.release(&decision.verdict);
-    mark(&mut parts.headers, decision.verdict.name(), held_ms);
+    if let Verdict::Gone { session } = decision.verdict {
+        return Err(HoldError::Gone { session });
+    }
+    let verdict = decision.verdict.name();
     if !decision.background {
         // Nothing happened after the reply was made: it already is the last word.
-        return Response::from_parts(parts, Body::from(original));
+        return Ok(Reply {
+            verdict,
+            held_ms,
+            body: original,
+        });
     }
-    match inner.oracle.last_assistant_message(&session).await {
-        Some(latest) => match serde_json::to_vec(&latest) {
-            Ok(body) => {
-                parts.headers.remove(header::CONTENT_LENGTH);
-                Response::from_parts(parts, Body::from(body))
-            }
-            Err(_) => Response::from_parts(parts, Body::from(original)),
-        },
-        None => Response::from_parts(parts, Body::from(original)),
+    let body = inner
+        .oracle
+        .last_assistant_message(&session)
+        .await
+        .and_then(|latest| serde_json::to_vec(&latest).ok())
+        .map_or(original, Bytes::from);
+    Ok(Reply {
+        verdict,
+        held_ms,
+        body,
+    })
+}
+
+/// Why a held prompt is answered with an error instead of the runtime's reply: the reply was
+/// premature and the tree could not be seen to end.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HoldError {
+    #[error("session {session}'s tree is still running after gate.max_hold: {reason}")]
+    StillRunning { session: String, reason: String },
+    #[error("taskgate is shutting down while session {session}'s tree still runs: {reason}")]
+    ShuttingDown { session: String, reason: String },
+    #[error("the runtime no longer knows session {session}")]
+    Gone { session: String },
+    #[error("taskgate cannot read session {session}'s tree from the runtime: {reason}")]
+    Unverifiable { session: String, reason: String },
+}
+
+impl HoldError {
+    fn kind(&self) -> &'static str {
+        match self {
+            HoldError::StillRunning { .. } => "tree_still_running",
+            HoldError::ShuttingDown { .. } => "taskgate_shutting_down",
+            HoldError::Gone { .. } => "session_gone",
+            HoldError::Unverifiable { .. } => "tree_unverifiable",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            HoldError::StillRunning { .. } => StatusCode::GATEWAY_TIMEOUT,
+            HoldError::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            HoldError::Gone { .. } => StatusCode::GONE,
+            HoldError::Unverifiable { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// `{"error":{"kind":…,"message":…}}`, the shape of every taskgate error.
+    fn into_response(self) -> Response<Body> {
+        let mut response = crate::proxy::error::json_response(
+            self.status(),
+            &serde_json::json!({"error": {"kind": self.kind(), "message": self.to_string()}}),
+        );
+        response
+            .headers_mut()
+            .insert("x-taskgate-verdict", HeaderValue::from_static("error"));
+        response
     }
 }
 
@@ -119,12 +263,16 @@ pub(super) async fn status(
     }
     // Sessions the gate is holding something for may be idle with nothing busy below them
     // (a background result not yet injected): ask the oracle about each.
-    let held: Vec<String> = inner
+    // So may a session whose prompt the runtime accepted but has not started yet.
+    let mut held: Vec<String> = inner
         .holds
         .snapshot()
         .into_iter()
         .map(|h| h.session)
         .collect();
+    held.extend(inner.oracle.pending_prompts());
+    held.sort();
+    held.dedup();
     for id in held {
         if map.contains_key(&id) {
             continue;
@@ -185,6 +333,7 @@ pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>)
             };
             let children = gate.children_of(&claim, &launches);
             let mut running: Option<(String, Decision)> = None;
+            let mut ended_badly: Option<(String, Decision)> = None;
             for child in children {
                 let decision = match verdicts.get(&child) {
                     Some(d) => d.clone(),
@@ -204,10 +353,26 @@ pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>)
                     running = Some((child, decision));
                     break;
                 }
+                if ended_badly.is_none() && !matches!(decision.verdict, Verdict::Completed { .. }) {
+                    ended_badly = Some((child, decision));
+                }
             }
             if let Some((child, decision)) = running {
                 relabel_running(part, &child, &decision.verdict);
                 changed = true;
+            } else if let Some((child, decision)) = ended_badly {
+                // The event stream rewrites the same claim when it releases it; history says
+                // the same thing.
+                if super::annotate_part(
+                    part,
+                    &claim,
+                    &decision.verdict,
+                    0,
+                    &child,
+                    inner.config.rewrite_contradictions,
+                ) {
+                    changed = true;
+                }
             }
         }
     }

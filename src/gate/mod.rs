@@ -19,8 +19,11 @@ pub(crate) mod json;
 
 use std::sync::Arc;
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use axum::body::Body;
-use http::{HeaderMap, Method, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Response, Uri};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, GateConfig};
@@ -34,6 +37,14 @@ use holds::Holds;
 #[derive(Debug, Clone)]
 pub struct Intercept {
     surface: Surface,
+    /// When taskgate received the request: a held prompt commits to its status line
+    /// `gate.prompt_commit_after` after it, whatever part of that the runtime took.
+    received: Instant,
+    /// The same moment as Unix milliseconds, to compare with the runtime's message times.
+    received_ms: i64,
+    /// The client's credentials: when the runtime accepts them, taskgate may read with them
+    /// (see [`crate::oracle::client::RuntimeClient::learn_authorization`]).
+    authorization: Option<HeaderValue>,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +56,8 @@ enum Surface {
     },
     /// A synchronous prompt.
     Prompt(SessionRef),
+    /// `prompt_async`: the runtime accepts the prompt and starts it later.
+    Accept(SessionRef),
     /// The status map of one directory.
     Status { directory: Option<String> },
     /// A session's messages, or one message.
@@ -112,6 +125,10 @@ impl Gate {
                     directory,
                 })
             }
+            (&Method::POST, ["session", id, "prompt_async"]) => Surface::Accept(SessionRef {
+                id: decode(id),
+                directory,
+            }),
             (&Method::GET, ["session", _, "message"]) if config.history => {
                 Surface::History { single: false }
             }
@@ -120,13 +137,32 @@ impl Gate {
             }
             _ => return None,
         };
-        Some(Intercept { surface })
+        Some(Intercept {
+            surface,
+            received: Instant::now(),
+            received_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            authorization: headers.get(http::header::AUTHORIZATION).cloned(),
+        })
     }
 
     /// Inspects (and possibly holds or rewrites) the runtime's response to an intercepted
     /// request. Cancel-safe: dropping the future (the client went away) drops the hold.
     pub async fn filter(&self, intercept: Intercept, response: Response<Body>) -> Response<Body> {
         if !response.status().is_success() {
+            return response;
+        }
+        if let Some(authorization) = &intercept.authorization {
+            self.inner
+                .oracle
+                .client()
+                .learn_authorization(authorization);
+        }
+        if let Surface::Accept(session) = &intercept.surface {
+            self.inner
+                .oracle
+                .prompt_accepted(session, intercept.received_ms);
             return response;
         }
         if let Some(encoding) = response.headers().get(http::header::CONTENT_ENCODING) {
@@ -141,10 +177,18 @@ impl Gate {
             Surface::Events { directory, global } => {
                 events::gate_stream(self.clone(), response, directory, global)
             }
-            Surface::Prompt(session) => json::prompt(self, session, response).await,
+            Surface::Prompt(session) => {
+                json::prompt(self, session, intercept.received, response).await
+            }
+            Surface::Accept(_) => response,
             Surface::Status { directory } => json::status(self, directory, response).await,
             Surface::History { single } => json::history(self, single, response).await,
         }
+    }
+
+    /// Whether the runtime refused the oracle's last read (401), for `/_taskgate/health`.
+    pub fn reads_refused(&self) -> bool {
+        self.inner.oracle.client().refused()
     }
 
     /// What is held now, for `GET /_taskgate/holds`.
@@ -196,8 +240,15 @@ pub(crate) fn annotate_part(
 ) -> bool {
     use crate::oracle::Verdict;
     use serde_json::{json, Value};
-    let contradiction = claim.claimed == claims::Claimed::Completed
-        && matches!(verdict, Verdict::Failed { .. } | Verdict::Aborted { .. });
+    let claimed_done = claim.claimed == claims::Claimed::Completed;
+    let contradiction = claimed_done
+        && matches!(
+            verdict,
+            Verdict::Failed { .. } | Verdict::Aborted { .. } | Verdict::Gone { .. }
+        );
+    // Released without the child's tree seen to complete (max_hold, runtime unreadable): the
+    // claim is not passed on as a success either.
+    let unconfirmed = claimed_done && !matches!(verdict, Verdict::Completed { .. });
     let mut taskgate = json!({
         "verdict": verdict.name(),
         "reason": holds::reason(verdict),
@@ -209,9 +260,14 @@ pub(crate) fn annotate_part(
         let Some(state) = part.get_mut("state").filter(|s| s.is_object()) else {
             return contradiction;
         };
-        if contradiction && rewrite {
+        if unconfirmed && rewrite {
             taskgate["original"] = state.clone();
-            let error = format!("taskgate: child {}", holds::reason(verdict));
+            let error = match verdict {
+                Verdict::Running { reason, .. } => {
+                    format!("taskgate: child {child} is still running: {reason}")
+                }
+                other => format!("taskgate: child {}", holds::reason(other)),
+            };
             state["status"] = json!("error");
             state["error"] = json!(error);
             if let Some(obj) = state.as_object_mut() {

@@ -199,6 +199,10 @@ fn paragraph(who: &str, said: &str, child: &str, f: &Finding) -> String {
             "[taskgate] {who} reported this task as {said}, but child session {child} failed: \
              session {session}: {message}."
         ),
+        Verdict::Gone { session } => format!(
+            "[taskgate] {who} reported this task as {said}, but taskgate could not confirm it: \
+             the runtime no longer knows session {session}. Treat the result as unverified."
+        ),
         Verdict::Unknown { reason } => format!(
             "[taskgate] {who} reported this task as {said}, but taskgate could not confirm it \
              with the runtime ({reason}). Treat the result as unverified; child session {child} \

@@ -82,6 +82,7 @@ impl Truth for Oracle {
             let (verdict, timed_out) = match self.wait_terminal(child, Some(deadline)).await {
                 Ok(decision) => (decision.verdict, false),
                 Err(OracleError::Deadline(decision)) => (decision.verdict, true),
+                Err(OracleError::Unverifiable(decision)) => (decision.verdict, false),
                 Err(OracleError::Cancelled) => (
                     Verdict::Unknown {
                         reason: "taskgate is shutting down".to_owned(),

@@ -4,6 +4,8 @@
 //! Every read has a deadline (`oracle.request_timeout`): a runtime that accepts a connection
 //! and then never answers (observed on fresh starts) must not stall every waiter behind it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -45,7 +47,14 @@ pub enum ClientError {
 pub struct RuntimeClient {
     client: Client<HttpConnector, Body>,
     base: String,
+    /// From `[upstream_auth]` or `OPENCODE_SERVER_PASSWORD`.
     authorization: Option<HeaderValue>,
+    /// Without credentials of its own, taskgate reads with an `Authorization` a client sent
+    /// and the runtime accepted: the runtime has one password, and a client that reaches it
+    /// through taskgate already holds it.
+    learned: Arc<Mutex<Option<HeaderValue>>>,
+    /// The runtime answered the last read 401 (shown by `/_taskgate/health`).
+    refused: Arc<AtomicBool>,
     timeout: Duration,
 }
 
@@ -64,8 +73,35 @@ impl RuntimeClient {
             client,
             base: config.proxy.upstream.trim_end_matches('/').to_owned(),
             authorization,
+            learned: Arc::default(),
+            refused: Arc::default(),
             timeout: config.oracle.request_timeout.0,
         }
+    }
+
+    /// Offers credentials a client sent on a request the runtime accepted (2xx). Used only
+    /// when taskgate has none configured; never logged.
+    pub fn learn_authorization(&self, value: &HeaderValue) {
+        if self.authorization.is_some() {
+            return;
+        }
+        let mut value = value.clone();
+        value.set_sensitive(true);
+        *self.learned.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+    }
+
+    /// Whether the runtime refused (401) taskgate's last read.
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn credentials(&self) -> Option<HeaderValue> {
+        self.authorization.clone().or_else(|| {
+            self.learned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
     }
 
     /// The runtime's base URL.
@@ -165,8 +201,8 @@ impl RuntimeClient {
             .header(header::ACCEPT, accept)
             // The oracle parses bodies; ask for them unencoded.
             .header(header::ACCEPT_ENCODING, "identity");
-        if let Some(auth) = &self.authorization {
-            request = request.header(header::AUTHORIZATION, auth.clone());
+        if let Some(auth) = self.credentials() {
+            request = request.header(header::AUTHORIZATION, auth);
         }
         let request = request
             .body(Body::empty())
@@ -183,7 +219,13 @@ impl RuntimeClient {
                 url: url.to_owned(),
                 message: error_chain(&e),
             }),
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => {
+                self.refused.store(
+                    response.status() == StatusCode::UNAUTHORIZED,
+                    Ordering::Relaxed,
+                );
+                Ok(response)
+            }
         }
     }
 

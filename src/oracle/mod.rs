@@ -55,16 +55,23 @@ pub enum Verdict {
     Failed { session: String, message: String },
     /// A session of the tree was aborted (`MessageAbortedError`).
     Aborted { session: String, message: String },
+    /// The runtime no longer knows the session (404: deleted, or the runtime restarted without
+    /// it). Nothing will change any more, and it is not a success.
+    Gone { session: String },
     /// The runtime could not be asked. Never released as completed.
     Unknown { reason: String },
 }
 
 impl Verdict {
-    /// Completed, failed or aborted: nothing in the tree will change any more.
+    /// Completed, failed, aborted or gone: nothing in the tree will change any more. Only
+    /// [`Verdict::Completed`] is a success.
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            Verdict::Completed { .. } | Verdict::Failed { .. } | Verdict::Aborted { .. }
+            Verdict::Completed { .. }
+                | Verdict::Failed { .. }
+                | Verdict::Aborted { .. }
+                | Verdict::Gone { .. }
         )
     }
 
@@ -75,6 +82,7 @@ impl Verdict {
             Verdict::Completed { .. } => "completed",
             Verdict::Failed { .. } => "failed",
             Verdict::Aborted { .. } => "aborted",
+            Verdict::Gone { .. } => "gone",
             Verdict::Unknown { .. } => "unknown",
         }
     }
@@ -100,6 +108,10 @@ pub struct Decision {
     /// `background: true` task or an oh-my-opencode launch).
     /// Only such trees wait out the settle window.
     pub background: bool,
+    /// Children whose background launch was never seen answered. Set when the tree was
+    /// released by the liveness bound (it rested `gate.rest_bound` with nothing else open).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unanswered: Vec<String>,
     pub sessions: Vec<SessionSummary>,
 }
 
@@ -111,6 +123,10 @@ pub enum OracleError {
     /// The wait was cancelled (shutdown).
     #[error("cancelled")]
     Cancelled,
+    /// The tree cannot be verified: the runtime refused taskgate's credentials, or it stayed
+    /// unreachable for the liveness bound. The last decision (verdict unknown) is attached.
+    #[error("the runtime cannot be read: {0:?}")]
+    Unverifiable(Box<Decision>),
 }
 
 /// The oracle's handle; cheap to clone, shared by the gate, the model face and `taskgate wait`.
@@ -123,6 +139,9 @@ struct Inner {
     client: RuntimeClient,
     poll_interval: Duration,
     settle_window: Duration,
+    /// The liveness bound (`gate.rest_bound`): how long a tree may rest with only clause 5
+    /// unmatched, and how long the runtime may stay unreadable, before a wait ends.
+    rest_bound: Duration,
     state: Arc<WatchState>,
     /// One slot per root: its lock makes concurrent readers share one upstream read.
     trees: std::sync::Mutex<HashMap<SessionRef, Arc<tokio::sync::Mutex<Option<Reading>>>>>,
@@ -140,6 +159,9 @@ struct Reading {
     ids: Vec<String>,
     decision: Decision,
     error: Option<ClientError>,
+    /// Since when the tree has been at rest with only clause 5 unmatched, and the tree's last
+    /// activity then: a later read with the same activity keeps the same start.
+    rest: Option<(Instant, Option<i64>)>,
 }
 
 /// How fresh a shared read must be for a caller to reuse it.
@@ -167,6 +189,7 @@ impl Oracle {
                 client: RuntimeClient::new(config),
                 poll_interval: config.oracle.poll_interval.0,
                 settle_window: config.gate.settle_window.0,
+                rest_bound: config.gate.rest_bound.0,
                 state: Arc::new(WatchState::default()),
                 trees: std::sync::Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
@@ -187,6 +210,14 @@ impl Oracle {
             return;
         }
         let inner = self.inner.clone();
+        // Refused credentials are a configuration error: say so at start-up, not in the first
+        // hold that cannot end.
+        let client = inner.client.clone();
+        tokio::spawn(async move {
+            if let Err(e @ ClientError::Unauthorized { .. }) = client.statuses(None).await {
+                tracing::error!(error = %e, "taskgate cannot read the runtime; until a client's accepted credentials are seen, held claims are answered with errors");
+            }
+        });
         tokio::spawn(watcher::run(
             inner.client.clone(),
             inner.state.clone(),
@@ -244,12 +275,27 @@ impl Oracle {
         };
         // When the tree was first seen terminal in the current unbroken run of terminal reads.
         let mut settling: Option<Instant> = None;
+        // When the runtime first failed to answer in the current unbroken run of failed reads.
+        let mut unreadable: Option<Instant> = None;
         loop {
             let reading = tokio::select! {
                 r = self.read(session, Fresh::MaxAge(self.inner.poll_interval)) => r,
                 _ = sleep_until_opt(deadline) => return Err(past_deadline(last, None)),
                 _ = self.inner.shutdown.cancelled() => return Err(OracleError::Cancelled),
             };
+            // Never wait out something that cannot come: refused credentials are a
+            // configuration error at once; an unreachable runtime, after the liveness bound.
+            match &reading.error {
+                Some(error) => {
+                    let since = *unreadable.get_or_insert(reading.started);
+                    if matches!(error, ClientError::Unauthorized { .. })
+                        || since.elapsed() >= self.inner.rest_bound
+                    {
+                        return Err(OracleError::Unverifiable(Box::new(reading.decision)));
+                    }
+                }
+                None => unreadable = None,
+            }
             if reading.decision.verdict.is_terminal() {
                 if !reading.decision.background {
                     return Ok(reading.decision);
@@ -340,6 +386,23 @@ impl Oracle {
         })
     }
 
+    /// A prompt for `session` was accepted by the runtime for a request received at
+    /// `received_ms` (Unix ms): the session counts as working until the runtime starts it
+    /// (docs/terminal-rule.md, clause 1).
+    pub fn prompt_accepted(&self, session: &SessionRef, received_ms: i64) {
+        self.inner.state.prompt_accepted(&session.id, received_ms);
+    }
+
+    /// Sessions with an accepted prompt the runtime has not been seen starting.
+    pub fn pending_prompts(&self) -> Vec<String> {
+        self.inner.state.pending_prompts()
+    }
+
+    /// The liveness bound (`gate.rest_bound`).
+    pub fn rest_bound(&self) -> Duration {
+        self.inner.rest_bound
+    }
+
     /// The poll interval, so callers can bound how stale a decision may be.
     pub fn poll_interval(&self) -> Duration {
         self.inner.poll_interval
@@ -397,20 +460,42 @@ impl Oracle {
         }
         let started = Instant::now();
         let seq = self.inner.state.seq();
+        let previous_rest = cached.as_ref().and_then(|r| r.rest);
         let reading = match self.read_tree(session).await {
-            Ok((ids, decision)) => Reading {
-                started,
-                seq,
-                ids,
-                decision,
-                error: None,
-            },
+            Ok(tree) => {
+                let mut decision = tree.decision;
+                // The liveness bound: a tree at rest with only clause 5 unmatched is given
+                // the verdict it would have without that clause once it has rested long enough.
+                let rest = tree.at_rest.as_ref().map(|_| {
+                    match previous_rest {
+                        Some((since, activity)) if activity == tree.last_activity => {
+                            (since, activity)
+                        }
+                        _ => (started, tree.last_activity),
+                    }
+                });
+                if let (Some(at_rest), Some((since, _))) = (tree.at_rest, rest) {
+                    if started.saturating_duration_since(since) >= self.inner.rest_bound {
+                        decision.verdict = at_rest.verdict;
+                        decision.unanswered = at_rest.unanswered;
+                    }
+                }
+                Reading {
+                    started,
+                    seq,
+                    ids: tree.ids,
+                    decision,
+                    error: None,
+                    rest,
+                }
+            }
             Err(e) => Reading {
                 started,
                 seq,
                 ids: vec![session.id.clone()],
                 decision: unknown(&e.to_string()),
                 error: Some(e),
+                rest: None,
             },
         };
         *cached = Some(reading.clone());
@@ -418,7 +503,8 @@ impl Oracle {
     }
 
     /// Reads the status map once, then every session of the tree (info, children, history).
-    async fn read_tree(&self, root: &SessionRef) -> Result<(Vec<String>, Decision), ClientError> {
+    /// A root the runtime answers 404 for is [`Verdict::Gone`].
+    async fn read_tree(&self, root: &SessionRef) -> Result<TreeRead, ClientError> {
         let client = &self.inner.client;
         let directory = root.directory.clone();
         let read = |id: String| {
@@ -457,19 +543,24 @@ impl Oracle {
         loop {
             let mut next: Vec<String> = Vec::new();
             for (id, info, children, messages) in level {
-                let info = match info {
-                    Ok(info) => info,
-                    // A child that no longer exists (deleted) cannot hold the tree; a missing
-                    // root is an error the caller must see.
-                    Err(ClientError::NotFound { .. }) if id != root.id => continue,
-                    Err(e) => return Err(e),
+                let is_root = id == root.id;
+                let (info, messages) = match (info, messages) {
+                    (Ok(info), Ok(messages)) => (info, messages),
+                    // A child that no longer exists (deleted) cannot hold the tree; a root
+                    // that no longer exists is a verdict of its own.
+                    (Err(ClientError::NotFound { .. }), _) | (_, Err(ClientError::NotFound { .. })) => {
+                        if is_root {
+                            return Ok(TreeRead::gone(&root.id));
+                        }
+                        continue;
+                    }
+                    (Err(e), _) | (_, Err(e)) => return Err(e),
                 };
                 let children = match children {
                     Ok(c) => c,
                     Err(ClientError::NotFound { .. }) => Vec::new(),
                     Err(e) => return Err(e),
                 };
-                let messages = messages?;
                 next.extend(children.into_iter().map(|c| c.id));
                 next.extend(rule::named_children(&messages));
                 // Children the watcher saw created, in case `/children` does not list them.
@@ -477,14 +568,19 @@ impl Oracle {
                     next.extend(known.children);
                 }
                 let status = statuses.get(&id).cloned();
-                let seen_busy = self.inner.state.busy_ever(&id)
-                    || status.as_ref().is_some_and(|s| !s.is_idle());
+                let busy_now = status.as_ref().is_some_and(|s| !s.is_idle());
+                let seen_busy = self.inner.state.busy_ever(&id) || busy_now;
+                let prompt_pending =
+                    self.inner
+                        .state
+                        .prompt_pending(&id, busy_now, &messages, self.inner.rest_bound);
                 sessions.insert(
                     id,
                     SessionSnapshot {
                         info,
                         status,
                         seen_busy,
+                        prompt_pending,
                         messages,
                     },
                 );
@@ -526,14 +622,44 @@ impl Oracle {
             .collect();
         // The root first, for readers that print the list as a tree.
         summaries.sort_by_key(|s| s.id != root.id);
-        Ok((
+        Ok(TreeRead {
             ids,
-            Decision {
+            decision: Decision {
                 verdict: judgement.verdict,
                 background: judgement.background,
+                unanswered: Vec::new(),
                 sessions: summaries,
             },
-        ))
+            at_rest: judgement.at_rest,
+            last_activity: judgement.last_activity,
+        })
+    }
+}
+
+/// One tree read, before the liveness bound is applied.
+struct TreeRead {
+    /// Every session of the tree, to match events against.
+    ids: Vec<String>,
+    decision: Decision,
+    at_rest: Option<rule::AtRest>,
+    last_activity: Option<i64>,
+}
+
+impl TreeRead {
+    fn gone(root: &str) -> TreeRead {
+        TreeRead {
+            ids: vec![root.to_owned()],
+            decision: Decision {
+                verdict: Verdict::Gone {
+                    session: root.to_owned(),
+                },
+                background: false,
+                unanswered: Vec::new(),
+                sessions: Vec::new(),
+            },
+            at_rest: None,
+            last_activity: None,
+        }
     }
 }
 
@@ -543,6 +669,7 @@ fn unknown(reason: &str) -> Decision {
             reason: reason.to_owned(),
         },
         background: false,
+        unanswered: Vec::new(),
         sessions: Vec::new(),
     }
 }

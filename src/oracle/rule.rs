@@ -17,6 +17,10 @@ pub struct SessionSnapshot {
     pub status: Option<SessionStatus>,
     /// Seen `busy` at least once (an event or an earlier read).
     pub seen_busy: bool,
+    /// A prompt was accepted for this session (through taskgate) and the runtime has not been
+    /// seen starting it yet: the runtime shows such a session idle for a while (seconds, with
+    /// plugins whose hooks run first).
+    pub prompt_pending: bool,
     /// The whole history, oldest first.
     pub messages: Vec<Message>,
 }
@@ -35,6 +39,22 @@ pub struct Judgement {
     pub verdict: Verdict,
     /// Some session launched background work: only such trees wait out the settle window.
     pub background: bool,
+    /// Set when the tree is wholly at rest (clauses 1-3 hold for every session) and only
+    /// clause 5 keeps it running: the verdict it gets once it has rested for the liveness
+    /// bound, and the launches whose answer was never seen.
+    pub at_rest: Option<AtRest>,
+    /// The newest `time.created`/`time.completed` of any message in the tree (the runtime's
+    /// clock): while it does not move, the tree has not moved.
+    pub last_activity: Option<i64>,
+}
+
+/// A tree at rest that clause 5 alone keeps running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AtRest {
+    /// The verdict with clause 5 set aside.
+    pub verdict: Verdict,
+    /// The children whose launch was never seen answered.
+    pub unanswered: Vec<String>,
 }
 
 /// How one session ended, when it did.
@@ -42,6 +62,14 @@ enum Outcome {
     Done,
     Failed(String),
     Aborted(String),
+}
+
+/// Why one session is not terminal.
+enum NotDone {
+    /// Clauses 1-3: the session works, or a turn or tool call is open.
+    Working(String),
+    /// Clause 5 alone: the session is at rest, but a background launch is not answered.
+    Unanswered { child: String, reason: String },
 }
 
 /// Applies the terminal rule to `tree`.
@@ -56,6 +84,8 @@ pub fn judge(tree: &TreeSnapshot) -> Judgement {
                 reason: format!("{} was not read", tree.root),
             },
             background: false,
+            at_rest: None,
+            last_activity: None,
         };
     };
     // Breadth-first from the root, so depth is known and a cycle cannot loop.
@@ -76,24 +106,43 @@ pub fn judge(tree: &TreeSnapshot) -> Judgement {
     let background = order
         .iter()
         .any(|(s, _)| launches(&s.messages).next().is_some());
-    let mut running: Option<(usize, String, String)> = None;
+    let last_activity = order
+        .iter()
+        .flat_map(|(s, _)| s.messages.iter())
+        .flat_map(|m| [m.info.time.created, m.info.time.completed])
+        .flatten()
+        .max();
+    let mut working: Option<(usize, String, String)> = None;
+    let mut unanswered: Option<(usize, String, String)> = None;
+    let mut unanswered_children = Vec::new();
     let mut aborted = None;
     let mut failed = None;
+    let deepest = |slot: &mut Option<(usize, String, String)>, depth: usize, id: &str, why| {
+        if slot.as_ref().is_none_or(|(d, _, _)| depth > *d) {
+            *slot = Some((depth, id.to_owned(), why));
+        }
+    };
     for (s, depth) in &order {
-        match session_state(tree, s) {
-            Err(reason) => {
-                if running.as_ref().is_none_or(|(d, _, _)| depth > d) {
-                    running = Some((*depth, s.info.id.clone(), reason));
-                }
+        let outcome = match session_state(tree, s) {
+            Err(NotDone::Working(reason)) => {
+                deepest(&mut working, *depth, &s.info.id, reason);
+                continue;
             }
-            Ok(Outcome::Aborted(m)) if aborted.is_none() => aborted = Some((s.info.id.clone(), m)),
-            Ok(Outcome::Failed(m)) if failed.is_none() => failed = Some((s.info.id.clone(), m)),
-            Ok(_) => {}
+            Err(NotDone::Unanswered { child, reason }) => {
+                deepest(&mut unanswered, *depth, &s.info.id, reason);
+                unanswered_children.push(child);
+                // Set aside, the session ended as its last message says.
+                outcome_of(s)
+            }
+            Ok(outcome) => outcome,
+        };
+        match outcome {
+            Outcome::Aborted(m) if aborted.is_none() => aborted = Some((s.info.id.clone(), m)),
+            Outcome::Failed(m) if failed.is_none() => failed = Some((s.info.id.clone(), m)),
+            _ => {}
         }
     }
-    let verdict = if let Some((_, session, reason)) = running {
-        Verdict::Running { session, reason }
-    } else if let Some((session, message)) = aborted {
+    let settled = if let Some((session, message)) = aborted {
         Verdict::Aborted { session, message }
     } else if let Some((session, message)) = failed {
         Verdict::Failed { session, message }
@@ -102,9 +151,22 @@ pub fn judge(tree: &TreeSnapshot) -> Judgement {
             text: final_text(&root.messages),
         }
     };
+    let (verdict, at_rest) = match (working, unanswered) {
+        (Some((_, session, reason)), _) => (Verdict::Running { session, reason }, None),
+        (None, Some((_, session, reason))) => (
+            Verdict::Running { session, reason },
+            Some(AtRest {
+                verdict: settled,
+                unanswered: unanswered_children,
+            }),
+        ),
+        (None, None) => (settled, None),
+    };
     Judgement {
         verdict,
         background,
+        at_rest,
+        last_activity,
     }
 }
 
@@ -150,29 +212,35 @@ fn launches(
 
 /// Rules 1, 2, 3 and 5 for `s` alone (rule 4 is the traversal in [`judge`]). `Err` names the
 /// clause that keeps `s` running.
-fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, String> {
+fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, NotDone> {
     let id = &s.info.id;
+    let working = |why: String| Err(NotDone::Working(why));
     // Rule 1: not busy, and started.
     if let Some(status) = s.status.as_ref().filter(|st| !st.is_idle()) {
-        return Err(match status {
+        return working(match status {
             SessionStatus::Busy => format!("{id} is busy (rule 1)"),
             SessionStatus::Retry { .. } => format!("{id} is retrying (rule 1)"),
             other => format!("{id} has status {} (rule 1)", other.name()),
         });
     }
+    if s.prompt_pending {
+        return working(format!(
+            "{id} has an accepted prompt the runtime has not started yet (rule 1)"
+        ));
+    }
     let answered_once = s.messages.iter().any(|m| m.info.is_assistant());
     if !s.seen_busy && !answered_once {
-        return Err(format!("{id} has not started yet (rule 1)"));
+        return working(format!("{id} has not started yet (rule 1)"));
     }
     // Rule 2: the last message is an assistant message that ended the turn.
     let Some(last) = s.messages.last() else {
-        return Err(format!("{id} has no messages yet (rule 2)"));
+        return working(format!("{id} has no messages yet (rule 2)"));
     };
     if last.info.is_user() {
-        return Err(format!("{id} has a user message pending (rule 2)"));
+        return working(format!("{id} has a user message pending (rule 2)"));
     }
     if !last.info.ends_turn() {
-        return Err(format!("{id} has not finished its turn (rule 2)"));
+        return working(format!("{id} has not finished its turn (rule 2)"));
     }
     // Rule 3: no tool call still open.
     for m in &s.messages {
@@ -182,7 +250,7 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, St
             .filter_map(|p| p.as_tool())
             .find(|t| t.is_open())
         {
-            return Err(format!("{id} has tool call {} still open (rule 3)", t.tool));
+            return working(format!("{id} has tool call {} still open (rule 3)", t.tool));
         }
     }
     // Rule 5: every background launch answered.
@@ -192,14 +260,25 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, St
             LaunchStyle::OhMyOpencode { .. } => omo_answered(tree, s, at, &launch.child),
         } || child_aborted(tree, &launch.child);
         if !answered {
-            return Err(format!(
-                "background task {} not yet answered (rule 5)",
-                launch.child
-            ));
+            return Err(NotDone::Unanswered {
+                reason: format!(
+                    "background task {} not yet answered (rule 5)",
+                    launch.child
+                ),
+                child: launch.child,
+            });
         }
     }
+    Ok(outcome_of(s))
+}
+
+/// How a session that ended its turn ended, from its last message.
+fn outcome_of(s: &SessionSnapshot) -> Outcome {
+    let Some(last) = s.messages.last() else {
+        return Outcome::Done;
+    };
     let info = &last.info;
-    Ok(match &info.error {
+    match &info.error {
         Some(e) if info.is_aborted() => Outcome::Aborted(e.message()),
         Some(e) => Outcome::Failed(format!("{}: {}", e.name, e.message())),
         None if matches!(info.finish.as_deref(), Some("error" | "length"))
@@ -211,7 +290,7 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, St
             ))
         }
         None => Outcome::Done,
-    })
+    }
 }
 
 /// Native launch: a later user message carries `<task id="child" state="completed|error">` (or
@@ -234,17 +313,23 @@ fn native_answered(s: &SessionSnapshot, launched_at: usize, child: &str) -> bool
     })
 }
 
-/// oh-my-opencode launch: the plugin injects nothing the rule can match reliably, so the launch
-/// counts as answered when the child has ended a turn and the parent ended a turn that started
-/// after the child's last message completed. (Whether the child's *tree* is done is rule 4's job.)
+/// oh-my-opencode launch: the plugin injects nothing the rule can match reliably. It judges a
+/// child done on the child's *first* idle (even while a grandchild works) and wakes the parent
+/// once, about 10 s later, never again. So the launch counts as answered when the child has
+/// ended a turn and the parent ended a turn that started at or after the child's *first* turn
+/// ended. Whether the child's *tree* is done is rule 4's job; a parent that is never woken (the
+/// plugin's `background-notification` hook off) is the liveness bound's job.
 fn omo_answered(tree: &TreeSnapshot, s: &SessionSnapshot, launched_at: usize, child: &str) -> bool {
     let Some(child) = tree.sessions.get(child) else {
         return false;
     };
-    let Some(child_end) = child
+    if !child.messages.last().is_some_and(|m| m.info.ends_turn()) {
+        return false;
+    }
+    let Some(first_end) = child
         .messages
-        .last()
-        .filter(|m| m.info.ends_turn())
+        .iter()
+        .find(|m| m.info.ends_turn())
         .and_then(|m| m.info.time.completed)
     else {
         return false;
@@ -254,7 +339,7 @@ fn omo_answered(tree: &TreeSnapshot, s: &SessionSnapshot, launched_at: usize, ch
             && m.info
                 .time
                 .created
-                .is_some_and(|created| created >= child_end)
+                .is_some_and(|created| created >= first_end)
     })
 }
 
@@ -344,6 +429,7 @@ mod tests {
             info: session(id, parent),
             status: status.map(|s| SessionStatus::from_value(&json!({"type": s}))),
             seen_busy: true,
+            prompt_pending: false,
             messages,
         }
     }
@@ -396,6 +482,9 @@ mod tests {
             ("rule 1: absent and silent is not started",
                 tree(vec![SessionSnapshot { seen_busy: false, ..snap(ROOT, None, None, vec![user(1, "go")]) }]),
                 "running", "has not started yet (rule 1)"),
+            ("rule 1: an accepted prompt the runtime has not started",
+                tree(vec![SessionSnapshot { prompt_pending: true, ..snap(ROOT, None, None, vec![user(1, "go"), answer(2, "ok")]) }]),
+                "running", "accepted prompt the runtime has not started yet (rule 1)"),
             ("rule 2: a user message last is a pending turn",
                 tree(vec![snap(ROOT, None, None, vec![user(1, "go"), answer(2, "ok"), user(3, "more")])]),
                 "running", "user message pending (rule 2)"),
@@ -499,6 +588,90 @@ mod tests {
             sessions: BTreeMap::new(),
         };
         assert_eq!(judge(&empty).verdict.name(), "unknown");
+    }
+
+    fn omo_launch() -> Message {
+        tool(
+            2,
+            "completed",
+            json!({}),
+            "Background task launched.\n<task_metadata>\nsession_id: ses_child\nbackground_task_id: bg_1\n</task_metadata>",
+        )
+    }
+
+    /// oh-my-opencode wakes the parent once, on the child's first idle; the child's real end
+    /// (after its own background grandchild) comes later and wakes nobody. The parent's wake
+    /// turn answers the launch, or the tree is never terminal.
+    #[test]
+    fn omo_wake_before_the_child_really_ends_does_not_hang() {
+        let t = tree(vec![
+            snap(
+                ROOT,
+                None,
+                None,
+                vec![user(1, "go"), omo_launch(), answer(3, "launched"),
+                    user(5, "[BACKGROUND TASK COMPLETED]"), answer(6, "root read the partial")],
+            ),
+            snap(
+                CHILD,
+                None,
+                None,
+                vec![user(1, "w"), answer(4, "partial"), user(8, "[BACKGROUND TASK COMPLETED]"),
+                    answer(9, "child final")],
+            ),
+        ]);
+        let j = judge(&t);
+        assert_eq!(
+            j.verdict,
+            Verdict::Completed {
+                text: Some("root read the partial".into())
+            }
+        );
+        assert_eq!(j.at_rest, None);
+        assert_eq!(j.last_activity, Some(9));
+    }
+
+    /// Clause 5 alone keeps a resting tree running; the judgement says so, with the verdict
+    /// the tree gets once it has rested for the liveness bound.
+    #[test]
+    fn a_resting_tree_with_an_unanswered_launch_reports_what_was_not_matched() {
+        let resting = tree(vec![
+            snap(
+                ROOT,
+                None,
+                None,
+                vec![user(1, "go"), omo_launch(), answer(3, "launched")],
+            ),
+            snap(CHILD, None, None, vec![user(1, "w"), answer(4, "child done")]),
+        ]);
+        let j = judge(&resting);
+        assert_eq!(j.verdict.name(), "running");
+        assert_eq!(
+            j.at_rest,
+            Some(AtRest {
+                verdict: Verdict::Completed {
+                    text: Some("launched".into())
+                },
+                unanswered: vec![CHILD.to_owned()],
+            })
+        );
+        // A failed child is still failed once the tree has rested.
+        let mut failing = resting.clone();
+        failing.sessions.insert(
+            CHILD.into(),
+            snap(CHILD, None, None, vec![user(1, "w"), with_error(answer(4, ""), "APIError")]),
+        );
+        assert_eq!(
+            judge(&failing).at_rest.map(|r| r.verdict.name()),
+            Some("failed")
+        );
+        // Anything working (here the child's open turn) means the tree is not at rest.
+        let mut working = resting;
+        working.sessions.insert(
+            CHILD.into(),
+            snap(CHILD, None, Some("busy"), vec![user(1, "w")]),
+        );
+        assert_eq!(judge(&working).at_rest, None);
     }
 
     trait TapFinish {

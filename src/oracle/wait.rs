@@ -79,6 +79,7 @@ pub async fn wait_command(args: WaitArgs) -> ExitCode {
             (d, code)
         }
         Err(OracleError::Deadline(d)) => (*d, EXIT_TIMEOUT),
+        Err(OracleError::Unverifiable(d)) => (*d, EXIT_UPSTREAM),
         Err(OracleError::Cancelled) => {
             eprintln!("taskgate: interrupted");
             return ExitCode::from(EXIT_TIMEOUT);
@@ -99,6 +100,10 @@ pub fn report(decision: &Decision) -> serde_json::Value {
         Verdict::Failed { session, message } | Verdict::Aborted { session, message } => {
             (Some(message.clone()), Some(session.clone()))
         }
+        Verdict::Gone { session } => (
+            Some(format!("the runtime no longer knows {session}")),
+            Some(session.clone()),
+        ),
         Verdict::Unknown { reason } => (Some(reason.clone()), None),
         Verdict::Completed { .. } => (None, None),
     };
@@ -112,6 +117,7 @@ pub fn report(decision: &Decision) -> serde_json::Value {
         "session": session,
         "text": text,
         "background": decision.background,
+        "unanswered": decision.unanswered,
         "sessions": decision.sessions,
     })
 }
@@ -132,6 +138,7 @@ fn describe(verdict: &Verdict) -> String {
         Verdict::Completed { .. } => "completed".to_owned(),
         Verdict::Failed { session, message } => format!("failed: {session}: {message}"),
         Verdict::Aborted { session, message } => format!("aborted: {session}: {message}"),
+        Verdict::Gone { session } => format!("gone: the runtime no longer knows {session}"),
         Verdict::Unknown { reason } => format!("unknown: {reason}"),
     }
 }

@@ -49,12 +49,23 @@ pub struct SessionState {
     seq: u64,
 }
 
+/// A prompt accepted through taskgate, not yet seen started.
+#[derive(Debug, Clone, Copy)]
+struct Accepted {
+    at: Instant,
+    received_ms: i64,
+}
+
 /// Shared between the watcher task and every reader.
 pub struct WatchState {
     sessions: Mutex<HashMap<String, SessionState>>,
     /// oh-my-opencode `bg_…` ids → the child session each launch started, from the runtime's
     /// own tool parts (the latest launch wins: a retry can give a `bg_` id a new session).
     background: Mutex<HashMap<String, String>>,
+    /// Prompts accepted through taskgate that the runtime has not been seen starting: session
+    /// → when taskgate received the request (for the expiry, and Unix ms to compare with the
+    /// runtime's message times).
+    accepted: Mutex<HashMap<String, Accepted>>,
     seq: AtomicU64,
     /// Sequence number of the last reconnect: everything read before it may have missed events.
     reset_at: AtomicU64,
@@ -67,6 +78,7 @@ impl Default for WatchState {
         WatchState {
             sessions: Mutex::new(HashMap::new()),
             background: Mutex::new(HashMap::new()),
+            accepted: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             reset_at: AtomicU64::new(0),
             connected: AtomicBool::new(false),
@@ -119,6 +131,64 @@ impl WatchState {
             .cloned()
     }
 
+    /// A prompt for `session` was accepted by the runtime (`prompt_async` answered 2xx) for a
+    /// request taskgate received at `received_ms` (Unix ms): the session counts as working
+    /// until the runtime is seen starting it.
+    pub fn prompt_accepted(&self, session: &str, received_ms: i64) {
+        self.accepted().insert(
+            session.to_owned(),
+            Accepted {
+                at: Instant::now(),
+                received_ms,
+            },
+        );
+        let seq = self.bump();
+        if let Some(s) = self.sessions().get_mut(session) {
+            s.seq = seq;
+        }
+        self.changed.send_replace(seq);
+    }
+
+    /// Whether `session` still has an accepted prompt the runtime has not started. The mark
+    /// goes once the session is busy, once its history holds a user message created at or
+    /// after the request, or after `bound` (a prompt the runtime dropped must not hold a tree
+    /// for ever).
+    pub fn prompt_pending(
+        &self,
+        session: &str,
+        busy_now: bool,
+        messages: &[crate::opencode::Message],
+        bound: Duration,
+    ) -> bool {
+        let mut accepted = self.accepted();
+        let Some(mark) = accepted.get(session) else {
+            return false;
+        };
+        let started = busy_now
+            || messages.iter().any(|m| {
+                m.info.is_user()
+                    && m.info
+                        .time
+                        .created
+                        .is_some_and(|created| created >= mark.received_ms)
+            });
+        if started || mark.at.elapsed() >= bound {
+            accepted.remove(session);
+            return false;
+        }
+        true
+    }
+
+    /// Sessions with an accepted prompt not yet seen started (`GET /session/status` lists
+    /// them as busy).
+    pub fn pending_prompts(&self) -> Vec<String> {
+        self.accepted().keys().cloned().collect()
+    }
+
+    fn accepted(&self) -> std::sync::MutexGuard<'_, HashMap<String, Accepted>> {
+        self.accepted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn bump(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::SeqCst) + 1
     }
@@ -140,6 +210,10 @@ impl WatchState {
             let s = sessions.entry(id.to_owned()).or_default();
             s.last_event = Some(Instant::now());
             if let Some(status) = event.status() {
+                if !status.is_idle() {
+                    // The runtime started whatever prompt was accepted for this session.
+                    self.accepted().remove(id);
+                }
                 s.busy_ever |= !status.is_idle();
                 s.status = Some(status);
             } else if event.is_idle() {

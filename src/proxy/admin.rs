@@ -134,6 +134,13 @@ async fn health(state: &ProxyState) -> Response<Body> {
             json!({"proxy": "up", "upstream": {"url": upstream, "reachable": false, "error": message}}),
         ),
     };
+    // The oracle's own reads: a runtime with a password refuses them without credentials.
+    if let Some(gate) = state.gate() {
+        if gate.reads_refused() {
+            body["upstream"]["reads"] = json!("refused (401): taskgate has no credentials the runtime accepts; set OPENCODE_SERVER_PASSWORD or [upstream_auth] password");
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, &body);
+        }
+    }
     // Under `taskgate wrap` the runtime is private: its log is the only place its output goes.
     if let Some(log) = &config.proxy.runtime_log {
         body["upstream"]["log"] = json!(log.display().to_string());

@@ -608,6 +608,9 @@ async fn strict_check(
                 "{} was still running when the run exited: {reason}",
                 who(session)
             ),
+            Verdict::Gone { session } => {
+                format!("{} no longer exists at the runtime", who(session))
+            }
             Verdict::Unknown { reason } => {
                 format!("cannot tell how session {id} ended: {reason}")
             }
