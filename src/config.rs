@@ -485,12 +485,6 @@ impl Config {
                 "must be more than 0s",
             ));
         }
-        if self.gate.rest_bound.0 < self.gate.settle_window.0 {
-            return Err(ConfigError::invalid(
-                "gate.rest_bound",
-                "must be at least gate.settle_window (a resting tree is released after both)",
-            ));
-        }
         if self.gate.prompt_keepalive.0.is_zero() {
             return Err(ConfigError::invalid(
                 "gate.prompt_keepalive",

@@ -36,6 +36,7 @@ async fn stack() -> Stack {
     let sim = format!("http://{}", sim_listener.local_addr().unwrap());
     let options = SimOptions {
         time_scale: TIME_SCALE,
+        ..SimOptions::default()
     };
     tokio::spawn(taskgate::sim::run(sim_listener, options, shutdown.clone()));
     let mut config = Config::defaults();

@@ -200,8 +200,9 @@ fn paragraph(who: &str, said: &str, child: &str, f: &Finding) -> String {
              session {session}: {message}."
         ),
         Verdict::Gone { session } => format!(
-            "[taskgate] {who} reported this task as {said}, but taskgate could not confirm it: \
-             the runtime no longer knows session {session}. Treat the result as unverified."
+            "[taskgate] {who} reported this task as {said}, but taskgate could not confirm it \
+             (the runtime does not know this session, {session}). Treat the result as \
+             unverified."
         ),
         Verdict::Unknown { reason } => format!(
             "[taskgate] {who} reported this task as {said}, but taskgate could not confirm it \

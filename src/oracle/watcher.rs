@@ -302,6 +302,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
+    // Refused credentials are a configuration error: said once, as an error, at start-up.
+    let mut told_refused = false;
     loop {
         let connect = tokio::select! {
             r = client.global_events() => r,
@@ -347,6 +349,11 @@ pub async fn run(
                 }
                 state.connected.store(false, Ordering::SeqCst);
                 state.reset();
+            }
+            Err(e @ super::client::ClientError::Unauthorized { .. }) => {
+                if !std::mem::replace(&mut told_refused, true) {
+                    tracing::error!("taskgate cannot read the runtime: {e}; until a client's accepted credentials are seen, held claims are answered with errors");
+                }
             }
             Err(e) => tracing::warn!("oracle: cannot open the event stream: {e}"),
         }

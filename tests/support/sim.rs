@@ -32,7 +32,14 @@ pub async fn start(time_scale: f64) -> SimServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let token = CancellationToken::new();
-    tokio::spawn(run(listener, SimOptions { time_scale }, token.clone()));
+    tokio::spawn(run(
+        listener,
+        SimOptions {
+            time_scale,
+            ..SimOptions::default()
+        },
+        token.clone(),
+    ));
     SimServer {
         url: format!("http://{addr}"),
         token,
