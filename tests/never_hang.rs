@@ -7,6 +7,9 @@
 //! waits for something that cannot come (refused credentials, a deleted root), and a prompt
 //! the runtime accepted but has not started counts as work.
 
+#[path = "support/sim.rs"]
+mod sim;
+
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,51 +18,21 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use sim::Stack;
 use taskgate::config::{Config, HumanDuration};
 use taskgate::sim::SimOptions;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// Bound on every wait: a hang fails the test instead of hanging it.
 const PATIENCE: Duration = Duration::from_secs(30);
 const PASSWORD: &str = "s3cret-runtime";
 
-/// The simulated runtime and taskgate in front of it, each with its own stop switch.
-struct Stack {
-    sim: String,
-    proxy: String,
-    sim_stop: CancellationToken,
-    proxy_stop: CancellationToken,
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.proxy_stop.cancel();
-        self.sim_stop.cancel();
-    }
-}
-
-async fn stack(sim: SimOptions, tune: impl FnOnce(&mut Config)) -> Stack {
-    let sim_stop = CancellationToken::new();
-    let proxy_stop = CancellationToken::new();
-    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim_url = format!("http://{}", sim_listener.local_addr().unwrap());
-    tokio::spawn(taskgate::sim::run(sim_listener, sim, sim_stop.clone()));
-    let mut config = Config::defaults();
-    config.proxy.upstream = sim_url.clone();
-    config.gate.settle_window = HumanDuration(Duration::from_millis(200));
-    config.oracle.poll_interval = HumanDuration(Duration::from_millis(100));
-    tune(&mut config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(taskgate::proxy::run(listener, config, proxy_stop.clone()));
-    Stack {
-        sim: sim_url,
-        proxy,
-        sim_stop,
-        proxy_stop,
-    }
+async fn stack(options: SimOptions, tune: impl FnOnce(&mut Config)) -> Stack {
+    sim::stack(options, |c| {
+        c.gate.settle_window = HumanDuration(Duration::from_millis(200));
+        tune(c);
+    })
+    .await
 }
 
 fn basic() -> String {
@@ -160,6 +133,21 @@ async fn until_prompt_held(stack: &Stack) {
         },
     )
     .await;
+}
+
+/// Sends a synchronous prompt for `scenario` in a new session and returns as soon as the
+/// response head arrives, the body still to be read.
+async fn prompt_streamed(stack: &Stack, name: &str) -> http::Response<hyper::body::Incoming> {
+    let id = new_session(&stack.proxy, None).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = http::Request::post(format!("{}/session/{id}/message", stack.proxy))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(scenario(name).to_string())))
+        .unwrap();
+    tokio::time::timeout(PATIENCE, client.request(request))
+        .await
+        .expect("the response head within the bound")
+        .unwrap()
 }
 
 fn slow_child() -> SimOptions {
@@ -373,16 +361,7 @@ async fn a_long_hold_commits_its_headers_and_keeps_the_body_alive() {
         c.gate.prompt_keepalive = HumanDuration(Duration::from_millis(100));
     })
     .await;
-    let id = new_session(&stack.proxy, None).await;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request = http::Request::post(format!("{}/session/{id}/message", stack.proxy))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(scenario("bg-child").to_string())))
-        .unwrap();
-    let response = tokio::time::timeout(PATIENCE, client.request(request))
-        .await
-        .unwrap()
-        .unwrap();
+    let response = prompt_streamed(&stack, "bg-child").await;
     // The status line came before the release.
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-taskgate-verdict"], "pending");
@@ -414,16 +393,7 @@ async fn a_committed_hold_that_ends_badly_cuts_the_body_instead_of_sending_the_p
         c.gate.max_hold = HumanDuration(Duration::from_millis(600));
     })
     .await;
-    let id = new_session(&stack.proxy, None).await;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request = http::Request::post(format!("{}/session/{id}/message", stack.proxy))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(scenario("bg-child").to_string())))
-        .unwrap();
-    let response = tokio::time::timeout(PATIENCE, client.request(request))
-        .await
-        .unwrap()
-        .unwrap();
+    let response = prompt_streamed(&stack, "bg-child").await;
     assert_eq!(response.headers()["x-taskgate-verdict"], "pending");
     let read = tokio::time::timeout(PATIENCE, response.into_body().collect())
         .await

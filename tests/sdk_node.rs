@@ -10,51 +10,29 @@
 
 #[path = "support/runtime.rs"]
 mod runtime;
+#[path = "support/sim.rs"]
+mod sim;
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
+use sim::Stack;
 use taskgate::config::{Config, HumanDuration};
 use taskgate::sim::SimOptions;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 /// Node's header and body timeouts in the script, scaled down from 300 s.
 const NODE_TIMEOUT_MS: &str = "1500";
 /// Bound on the whole script: a hang fails the test.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-struct Stack {
-    proxy: String,
-    stop: CancellationToken,
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
 /// The simulated runtime (bg-child: the child works 3 s) and taskgate in front of it.
 async fn stack(tune: impl FnOnce(&mut Config)) -> Stack {
-    let stop = CancellationToken::new();
-    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = format!("http://{}", sim_listener.local_addr().unwrap());
-    tokio::spawn(taskgate::sim::run(
-        sim_listener,
-        SimOptions::default(),
-        stop.clone(),
-    ));
-    let mut config = Config::defaults();
-    config.proxy.upstream = sim;
-    config.gate.settle_window = HumanDuration(Duration::from_millis(200));
-    config.oracle.poll_interval = HumanDuration(Duration::from_millis(100));
-    tune(&mut config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(taskgate::proxy::run(listener, config, stop.clone()));
-    Stack { proxy, stop }
+    sim::stack(SimOptions::default(), |c| {
+        c.gate.settle_window = HumanDuration(Duration::from_millis(200));
+        tune(c);
+    })
+    .await
 }
 
 /// Runs `tests/sdk/prompt.mjs` with the installed SDK; returns its one JSON line.
