@@ -21,6 +21,15 @@
 //!   [`OMO_PARENT_NOTED`]. The child calls `call_omo_agent` (`explore`, in the background) with a
 //!   grandchild prompt `CHILD-HOLD-<name>`, ends its turn with [`OMO_CHILD_PARTIAL`], and answers
 //!   [`OMO_CHILD_FINAL`] when woken. The grandchild is an ordinary `CHILD-HOLD-<name>` child.
+//!   With `OMO-WAKE-<name>` instead, the root launches the same child and ends its turn at once
+//!   with [`OMO_PARENT_LAUNCHED`] (it never calls `background_output`): it learns of the child
+//!   only through the plugin's wakes, each answered with [`OMO_PARENT_NOTED`].
+//!   A `<name>` that starts with `solo` gives a child with no grandchild (it answers
+//!   [`OMO_CHILD_FINAL`] at once); one that starts with `fail` gives a child whose model request
+//!   fails like `CHILD-FAIL`.
+//! - Native nesting: a child prompt `NEST-<name>` (e.g. `@bg(NEST-n1)`) makes that child a parent
+//!   in turn: it launches one background grandchild `CHILD-HOLD-<name>` and then behaves like any
+//!   parent above.
 //! - Anything else is answered plainly with [`PLAIN_ANSWER`]; requests without tools (the title
 //!   request) get a short title.
 //!
@@ -65,6 +74,8 @@ pub const OMO_CHILD_PARTIAL: &str = "partial: my grandchild's result is not in y
 pub const OMO_CHILD_FINAL: &str = "CHILD-FINAL: the grandchild reported, here is the real answer";
 /// The oh-my-opencode parent's answer after reading `background_output`.
 pub const OMO_PARENT_READ: &str = "PARENT-READ: I read the background result.";
+/// The oh-my-opencode parent's answer right after launching, in wake mode.
+pub const OMO_PARENT_LAUNCHED: &str = "PARENT-LAUNCHED: the child runs in the background.";
 /// The oh-my-opencode parent's answer to any later prompt (the plugin's wakes).
 pub const OMO_PARENT_NOTED: &str = "PARENT-NOTED: noted.";
 /// Upper bound for `CHILD-HOLD-*` so a forgotten release cannot hang a test run forever.
@@ -105,14 +116,18 @@ pub enum OmoTurn {
     ParentPoll { task_id: String },
     /// Root after the `background_output` result (the claim under test).
     ParentRead,
+    /// Root in wake mode after the launch result: ends its turn with [`OMO_PARENT_LAUNCHED`].
+    ParentLaunched,
     /// Root answering anything later (the plugin's wakes).
     ParentWake,
     /// Child (Sisyphus-Junior), first step: `call_omo_agent({subagent_type:"explore", …})`.
     ChildLaunch { name: String },
     /// Child after the launch result: ends its turn with [`OMO_CHILD_PARTIAL`].
     ChildPartial,
-    /// Child woken later: [`OMO_CHILD_FINAL`].
+    /// Child woken later, or a `solo` child at once: [`OMO_CHILD_FINAL`].
     ChildFinal,
+    /// A `fail` child: its model request fails (HTTP 400), like `CHILD-FAIL`.
+    ChildFail,
 }
 
 /// One request the provider received.
@@ -355,7 +370,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes)
     );
     let id = shared.next_id();
     match turn {
-        Turn::ChildFail => json_response(
+        Turn::ChildFail | Turn::Omo(OmoTurn::ChildFail) => json_response(
             StatusCode::BAD_REQUEST,
             json!({"error": {"message": CHILD_FAIL_MESSAGE, "type": "invalid_request_error", "code": "scripted_failure"}}),
         ),
@@ -529,6 +544,19 @@ pub fn child_prompts(text: &str) -> Vec<(bool, String)> {
     out
 }
 
+/// The children a conversation whose first user text is `text` launches: its `@bg`/`@fg`
+/// prompts, or for a nesting child (`NEST-<name>`) one background `CHILD-HOLD-<name>`.
+fn launches_of(text: &str) -> Vec<(bool, String)> {
+    let prompts = child_prompts(text);
+    if !prompts.is_empty() {
+        return prompts;
+    }
+    match marker_value(text, "NEST-") {
+        Some(name) => vec![(true, format!("CHILD-HOLD-{name} nested work"))],
+        None => Vec::new(),
+    }
+}
+
 fn first_user_text(body: &Value) -> String {
     messages(body)
         .iter()
@@ -539,7 +567,7 @@ fn first_user_text(body: &Value) -> String {
 
 /// How many background and foreground children the parent conversation launches.
 fn launched_counts(body: &Value) -> (usize, usize) {
-    let prompts = child_prompts(&first_user_text(body));
+    let prompts = launches_of(&first_user_text(body));
     let bg = prompts.iter().filter(|(bg, _)| *bg).count();
     (bg, prompts.len() - bg)
 }
@@ -563,7 +591,7 @@ fn injected_states(body: &Value) -> (usize, usize) {
 }
 
 fn task_calls(body: &Value, id: u64) -> Vec<(String, String, Value)> {
-    child_prompts(&first_user_text(body))
+    launches_of(&first_user_text(body))
         .into_iter()
         .enumerate()
         .map(|(i, (background, prompt))| {
@@ -610,9 +638,11 @@ fn omo_step(turn: &OmoTurn, id: u64) -> Step {
             }),
         ),
         OmoTurn::ParentRead => Step::Text(OMO_PARENT_READ.into()),
+        OmoTurn::ParentLaunched => Step::Text(OMO_PARENT_LAUNCHED.into()),
         OmoTurn::ParentWake => Step::Text(OMO_PARENT_NOTED.into()),
         OmoTurn::ChildPartial => Step::Text(OMO_CHILD_PARTIAL.into()),
         OmoTurn::ChildFinal => Step::Text(OMO_CHILD_FINAL.into()),
+        OmoTurn::ChildFail => unreachable!("a failing child is answered with HTTP 400"),
     }
 }
 
@@ -650,8 +680,17 @@ fn omo_turn(body: &Value) -> Option<OmoTurn> {
             _ => OmoTurn::ParentWake,
         });
     }
+    if let Some(name) = marker_value(&users, "OMO-WAKE-") {
+        return Some(match (last_call, after_tool) {
+            (None, _) => OmoTurn::ParentLaunch { name },
+            (Some("task"), true) => OmoTurn::ParentLaunched,
+            _ => OmoTurn::ParentWake,
+        });
+    }
     if let Some(name) = marker_value(&users, "OMO-CHILD-") {
         return Some(match (last_call, after_tool) {
+            (None, _) if name.starts_with("fail") => OmoTurn::ChildFail,
+            (None, _) if name.starts_with("solo") => OmoTurn::ChildFinal,
             (None, _) => OmoTurn::ChildLaunch { name },
             (Some(_), true) => OmoTurn::ChildPartial,
             _ => OmoTurn::ChildFinal,
@@ -679,7 +718,7 @@ pub fn classify(body: &Value) -> Turn {
         return Turn::Omo(turn);
     }
     let first = first_user_text(body);
-    let prompts = child_prompts(&first);
+    let prompts = launches_of(&first);
     if !prompts.is_empty() {
         let last = messages(body).last();
         let last_role = last.and_then(|m| m.get("role")).and_then(Value::as_str);

@@ -419,6 +419,9 @@ pub struct RuntimeOptions {
     /// Written to the project's `.omo/omo.json`: oh-my-opencode's own config (agents and
     /// categories pointed at the scripted model; see [`omo_config`]).
     pub omo_config: Option<Value>,
+    /// Top-level keys merged into the project's `opencode.json` (e.g. `subagent_depth`,
+    /// `agent`), over the sandbox's own.
+    pub config: Option<Value>,
 }
 
 /// An oh-my-opencode config naming the scripted model for every agent and category a plugin
@@ -438,6 +441,11 @@ pub fn omo_config() -> Value {
             "disabled_mcps": ["websearch", "context7", "grep_app"]
         }
     })
+}
+
+/// The `file://` URL a project's `opencode.json` loads an installed plugin folder by.
+pub fn plugin_url(path: &Path) -> String {
+    format!("file://{}", path.display())
 }
 
 /// A running `opencode serve`, killed (with its process group) on drop.
@@ -465,6 +473,11 @@ impl Runtime {
         let mut config = sandbox_config(provider_base_url);
         if !opts.plugins.is_empty() {
             config["plugin"] = json!(opts.plugins);
+        }
+        if let Some(Value::Object(extra)) = &opts.config {
+            for (k, v) in extra {
+                config[k] = v.clone();
+            }
         }
         let dir = sandbox_with(&config);
         if let Some(omo) = &opts.omo_config {
@@ -543,6 +556,37 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(100)).await; // poll interval, not a sync
         }
         rt.startup = started.elapsed();
+        rt
+    }
+
+    /// Starts the runtime with oh-my-opencode (`plugin`, a `file://` URL) and `omo` as its
+    /// `.omo/omo.json`, and checks the plugin is loaded: its agents are listed only once it
+    /// registered them.
+    pub async fn start_with_omo(
+        binary: &RuntimeBinary,
+        plugin: &str,
+        provider_base_url: &str,
+        omo: Value,
+    ) -> Runtime {
+        let opts = RuntimeOptions {
+            env: vec![("OMO_DISABLE_POSTHOG".into(), "1".into())],
+            plugins: vec![plugin.to_string()],
+            omo_config: Some(omo),
+            ..RuntimeOptions::default()
+        };
+        let rt = Runtime::start(binary, provider_base_url, opts).await;
+        let agents = rt.get_json("/agent").await;
+        let names: Vec<&str> = agents
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"Sisyphus-Junior") && names.contains(&"explore"),
+            "oh-my-opencode is not loaded: agents {names:?}\n{}",
+            rt.logs()
+        );
         rt
     }
 
@@ -952,6 +996,8 @@ impl Drop for Taskgate {
 /// client sees: every `data:` line is parsed as JSON and kept in arrival order.
 pub struct EventStream {
     events: Arc<Mutex<Vec<Value>>>,
+    /// When each event arrived, in step with `events`.
+    arrivals: Arc<Mutex<Vec<Instant>>>,
     arrived: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -971,8 +1017,9 @@ impl EventStream {
             .unwrap_or_else(|e| panic!("GET {url}: {e}"));
         assert_eq!(resp.status(), StatusCode::OK, "GET {url}");
         let events = Arc::new(Mutex::new(Vec::new()));
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
         let arrived = Arc::new(tokio::sync::Notify::new());
-        let (ev, notify) = (events.clone(), arrived.clone());
+        let (ev, at, notify) = (events.clone(), arrivals.clone(), arrived.clone());
         let task = tokio::spawn(async move {
             let mut body = resp.into_body();
             let mut buf = Vec::new();
@@ -986,7 +1033,9 @@ impl EventStream {
                     let line = String::from_utf8_lossy(&line);
                     if let Some(json) = line.trim_end().strip_prefix("data:") {
                         if let Ok(v) = serde_json::from_str::<Value>(json.trim()) {
-                            ev.lock().unwrap().push(v);
+                            let mut ev = ev.lock().unwrap();
+                            at.lock().unwrap().push(Instant::now());
+                            ev.push(v);
                             notify.notify_waiters();
                         }
                     }
@@ -995,6 +1044,7 @@ impl EventStream {
         });
         EventStream {
             events,
+            arrivals,
             arrived,
             task,
         }
@@ -1003,6 +1053,17 @@ impl EventStream {
     /// Every event so far, oldest first.
     pub fn events(&self) -> Vec<Value> {
         self.events.lock().unwrap().clone()
+    }
+
+    /// Every event so far with the moment it arrived, oldest first.
+    pub fn timed_events(&self) -> Vec<(Instant, Value)> {
+        let events = self.events.lock().unwrap();
+        let arrivals = self.arrivals.lock().unwrap();
+        arrivals
+            .iter()
+            .copied()
+            .zip(events.iter().cloned())
+            .collect()
     }
 
     /// Waits until `pred` holds for the events so far, panicking after `deadline`.
