@@ -1,0 +1,916 @@
+//! The proving matrix of the never-hang work (issue 15) against the real runtime and the real
+//! oh-my-opencode plugin, through taskgate's client face (`taskgate serve` in front of the
+//! runtime, the model face off). Each cell is driven by the scripted model; grandchildren are
+//! held and released by the test, so every "still working" moment is one the test caused.
+//!
+//! For every cell, through taskgate: `opencode run --attach TASKGATE` exits 0 after the runtime's
+//! last busy moment for the cell's tree and has printed the root's last answer; `taskgate wait
+//! ROOT --json` (the real binary, started while the tree works) returns the verdict the cell
+//! expects; no root idle reaches an `/event` subscriber through taskgate while a session of the
+//! tree is busy (checked against `GET /session/status`, polled straight at the runtime). A few
+//! cells also run straight at the runtime, to record the bug taskgate answers.
+//!
+//! Cells that can share a runtime do (one runtime serves many sessions at once); each test is
+//! one runtime and runs its cells concurrently, then prints a table (cell, verdict, exit lag;
+//! docs/compatibility.md keeps the figures) and fails naming every cell that did not hold.
+//! Skips without node and npm locally; fails under `CI=true`.
+
+#[path = "support/provider.rs"]
+mod provider;
+#[path = "support/runtime.rs"]
+mod runtime;
+
+use std::future::Future;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use provider::{
+    ScriptedProvider, Turn, OMO_CHILD_FINAL, OMO_CHILD_PARTIAL, OMO_PARENT_LAUNCHED,
+    OMO_PARENT_NOTED, OMO_PARENT_READ, PARENT_FINAL, PARENT_LAUNCHED,
+};
+use runtime::{
+    http_post_json, omo_config, omo_plugin_or_skip, plugin_url, runtime_or_skip, EventStream,
+    Runtime, RuntimeBinary, RuntimeOptions, Taskgate,
+};
+use serde_json::{json, Value};
+use taskgate::config::HumanDuration;
+
+/// Bound on each step a cell waits for (the plugin polls every 3 s and wakes ~10 s after); only
+/// a hang reaches it.
+const STEP: Duration = Duration::from_secs(120);
+/// How often the runtime's `/session/status` is sampled for the busy timeline.
+const SAMPLE: Duration = Duration::from_millis(100);
+/// The liveness bound for the runtimes whose plugin wakes parents: taskgate's default, above
+/// oh-my-opencode's ~10 s wake delay.
+const REST_BOUND: Duration = Duration::from_secs(20);
+/// The liveness bound where nobody is ever woken (it is all the release waits for there).
+const QUIET_REST_BOUND: Duration = Duration::from_secs(12);
+
+/// One sample of `GET /session/status`: when it was sent, and the sessions listed not idle.
+type Sample = (Instant, Vec<String>);
+
+/// The scripted provider, one runtime, taskgate in front of it, and the observers every cell
+/// reads: the busy timeline and the events a client sees through taskgate and directly.
+struct Rig {
+    provider: ScriptedProvider,
+    rt: Runtime,
+    gate: Taskgate,
+    rest_bound: Duration,
+    through: EventStream,
+    direct: EventStream,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.sampler.abort();
+    }
+}
+
+impl Rig {
+    async fn start(provider: ScriptedProvider, rt: Runtime, rest_bound: Duration) -> Arc<Rig> {
+        let gate = Taskgate::start(&rt, |c| c.gate.rest_bound = HumanDuration(rest_bound)).await;
+        let through = EventStream::connect(&format!("{}/event", gate.url()), None).await;
+        let direct = EventStream::connect(&format!("{}/event", rt.url()), None).await;
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let sampler = tokio::spawn(sample_status(rt.url().to_owned(), samples.clone()));
+        Arc::new(Rig {
+            provider,
+            rt,
+            gate,
+            rest_bound,
+            through,
+            direct,
+            samples,
+            sampler,
+        })
+    }
+
+    /// The root session whose first prompt contains `marker` (cells share the runtime).
+    async fn root_for(&self, marker: &str) -> String {
+        let end = Instant::now() + STEP;
+        loop {
+            for s in self.rt.root_sessions().await {
+                let id = s["id"].as_str().unwrap_or_default().to_owned();
+                let msgs = self.rt.get_json(&format!("/session/{id}/message")).await;
+                let first_user = msgs
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|m| m["info"]["role"] == "user")
+                    .map(|m| m["parts"].to_string())
+                    .unwrap_or_default();
+                if first_user.contains(marker) {
+                    return id;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "no root session prompted with {marker}"
+            );
+            tokio::time::sleep(SAMPLE).await; // poll interval
+        }
+    }
+
+    /// The root and every descendant the runtime lists (`/session/:id/children`, recursively).
+    async fn tree(&self, root: &str) -> Vec<String> {
+        let mut ids = vec![root.to_owned()];
+        let mut i = 0;
+        while i < ids.len() {
+            for c in self.rt.children(&ids[i]).await {
+                if let Some(id) = c["id"].as_str() {
+                    ids.push(id.to_owned());
+                }
+            }
+            i += 1;
+        }
+        ids
+    }
+
+    /// The `n`th child of `root`, once the runtime lists it.
+    async fn child(&self, root: &str) -> String {
+        let end = Instant::now() + STEP;
+        loop {
+            if let Some(id) = self
+                .rt
+                .children(root)
+                .await
+                .first()
+                .and_then(|c| c["id"].as_str())
+            {
+                return id.to_owned();
+            }
+            assert!(Instant::now() < end, "{root} never got a child");
+            tokio::time::sleep(SAMPLE).await; // poll interval
+        }
+    }
+
+    /// Waits until the provider received the held grandchild or child `name`'s model request:
+    /// from then on it is busy until [`ScriptedProvider::release`].
+    async fn held(&self, name: &str) {
+        self.provider
+            .wait_for(&format!("{name}'s held model turn"), STEP, |rs| {
+                rs.iter()
+                    .any(|r| r.turn == Some(Turn::ChildHold(name.into())))
+            })
+            .await;
+    }
+
+    /// The last sample in `[from, to]` that listed a session of `tree` busy.
+    fn last_busy(&self, tree: &[String], from: Instant, to: Instant) -> Option<Instant> {
+        self.samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, busy)| *at >= from && *at <= to && busy.iter().any(|b| tree.contains(b)))
+            .map(|(at, _)| *at)
+            .last()
+    }
+
+    /// Root idles `stream` delivered in `[from, to]` before a sample that still showed a session
+    /// of `tree` busy: idles that reached a client while the tree worked.
+    fn leaked_idles(
+        &self,
+        stream: &EventStream,
+        root: &str,
+        tree: &[String],
+        from: Instant,
+        to: Instant,
+    ) -> usize {
+        let last_busy = self.last_busy(tree, from, to);
+        stream
+            .timed_events()
+            .iter()
+            .filter(|(at, e)| {
+                *at >= from
+                    && *at <= to
+                    && e["type"] == "session.idle"
+                    && e["properties"]["sessionID"] == root
+            })
+            .filter(|(at, _)| last_busy.is_some_and(|b| b > *at))
+            .count()
+    }
+
+    /// `taskgate wait ROOT --upstream RUNTIME --json`, the real binary with this rig's rest
+    /// bound, started now and awaited later.
+    fn wait(&self, root: &str) -> tokio::task::JoinHandle<Value> {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_taskgate"));
+        cmd.args(["wait", root, "--upstream", self.rt.url(), "--json"])
+            .args(["--timeout", "170s"])
+            .env(
+                "TASKGATE_REST_BOUND",
+                format!("{}s", self.rest_bound.as_secs()),
+            )
+            .kill_on_drop(true);
+        tokio::spawn(async move {
+            let out = cmd.output().await.expect("taskgate wait runs");
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                json!({
+                    "error": format!("taskgate wait printed no JSON ({e})"),
+                    "stdout": String::from_utf8_lossy(&out.stdout),
+                    "stderr": String::from_utf8_lossy(&out.stderr),
+                })
+            })
+        })
+    }
+
+    /// The root's last assistant text.
+    async fn last_answer(&self, root: &str) -> String {
+        self.rt
+            .assistant_texts(root)
+            .await
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Polls until no session of `root`'s tree is busy (for the direct cells, after `run` left).
+    async fn wait_tree_idle(&self, root: &str) {
+        let end = Instant::now() + STEP;
+        loop {
+            let tree = self.tree(root).await;
+            let busy: Vec<_> = self
+                .rt
+                .busy_sessions()
+                .await
+                .into_iter()
+                .filter(|b| tree.contains(b))
+                .collect();
+            if busy.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < end, "{busy:?} still busy after {STEP:?}");
+            tokio::time::sleep(SAMPLE).await; // poll interval
+        }
+    }
+}
+
+/// Samples the runtime's `/session/status` every [`SAMPLE`] into `samples` until aborted.
+async fn sample_status(url: String, samples: Arc<Mutex<Vec<Sample>>>) {
+    loop {
+        let sent = Instant::now();
+        if let Ok((hyper::StatusCode::OK, body)) =
+            runtime::http_get(&format!("{url}/session/status"), None).await
+        {
+            if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(&body) {
+                let busy = m
+                    .into_iter()
+                    .filter(|(_, s)| s["type"] != "idle")
+                    .map(|(id, _)| id)
+                    .collect();
+                samples.lock().unwrap().push((sent, busy));
+            }
+        }
+        tokio::time::sleep_until((sent + SAMPLE).into()).await;
+    }
+}
+
+/// What a cell expects, and what it measured.
+struct Cell {
+    name: &'static str,
+    /// The verdict `taskgate wait` must return.
+    verdict: &'static str,
+    /// A text the root's last answer must contain.
+    answer: &'static str,
+    /// Whether the release must have matched every launch (no `unanswered` in the verdict).
+    matched: Option<bool>,
+}
+
+/// One row of the table: the cell and what was measured.
+#[derive(Debug)]
+struct Row {
+    cell: String,
+    outcome: String,
+}
+
+/// Runs `opencode run --attach TASKGATE PROMPT` for `cell` while `drive` plays the test's side
+/// (it gets the root id and returns once the cell's events were caused), then checks what the
+/// cell promises.
+async fn through_taskgate<D, F>(
+    rig: Arc<Rig>,
+    cell: Cell,
+    args: Vec<String>,
+    prompt: String,
+    marker: String,
+    drive: D,
+) -> Result<Row, String>
+where
+    D: FnOnce(Arc<Rig>, String) -> F,
+    F: Future<Output = ()>,
+{
+    let from = Instant::now();
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = async {
+        let out = rig.rt.run(rig.gate.url(), &args_ref, &prompt).await;
+        let answer = match rig.rt.root_sessions().await.is_empty() {
+            true => String::new(),
+            false => {
+                let root = rig.root_for(&marker).await;
+                rig.last_answer(&root).await
+            }
+        };
+        (out, Instant::now(), answer)
+    };
+    let side = async {
+        let root = rig.root_for(&marker).await;
+        let wait = rig.wait(&root);
+        drive(rig.clone(), root.clone()).await;
+        (root, wait)
+    };
+    let ((out, exited, answer), (root, wait)) = tokio::join!(run, side);
+    let verdict = wait.await.map_err(|e| format!("taskgate wait: {e}"))?;
+    let tree = rig.tree(&root).await;
+    let last_busy = rig.last_busy(&tree, from, Instant::now());
+    let leaked = rig.leaked_idles(&rig.through, &root, &tree, from, exited);
+    let lag = last_busy.map(|b| exited.saturating_duration_since(b));
+    let mut problems = Vec::new();
+    if !out.status.success() {
+        problems.push(format!("run exited {:?}", out.status.code()));
+    }
+    if last_busy.is_some_and(|b| b > exited) {
+        problems.push(format!(
+            "run exited {:?} before the tree's last busy moment",
+            last_busy.unwrap().saturating_duration_since(exited)
+        ));
+    }
+    if !answer.contains(cell.answer) {
+        problems.push(format!(
+            "root's last answer {answer:?} lacks {:?}",
+            cell.answer
+        ));
+    }
+    if answer.is_empty() || !out.stdout.contains(answer.trim()) {
+        problems.push(format!(
+            "run did not print the root's last answer {answer:?}: {:?}",
+            out.stdout
+        ));
+    }
+    if verdict["verdict"] != cell.verdict {
+        problems.push(format!("taskgate wait: {verdict}"));
+    }
+    let unanswered = verdict["unanswered"].as_array().map_or(0, Vec::len);
+    match cell.matched {
+        Some(true) if unanswered > 0 => problems.push(format!(
+            "released by the liveness bound, not matched: {verdict}"
+        )),
+        Some(false) if unanswered == 0 => {
+            problems.push(format!("the verdict names no unanswered launch: {verdict}"))
+        }
+        _ => {}
+    }
+    if leaked > 0 {
+        problems.push(format!(
+            "{leaked} root idle(s) reached a client through taskgate while the tree worked"
+        ));
+    }
+    let outcome = format!(
+        "through taskgate: exit {:?}, verdict {}{}, exit lag {}",
+        out.status.code(),
+        verdict["verdict"],
+        if unanswered > 0 {
+            format!(" ({unanswered} unanswered, liveness bound)")
+        } else {
+            String::new()
+        },
+        lag.map_or("n/a".into(), |l| format!("{:.1}s", l.as_secs_f64())),
+    );
+    if problems.is_empty() {
+        Ok(Row {
+            cell: cell.name.into(),
+            outcome,
+        })
+    } else {
+        Err(format!(
+            "{}: {outcome}\n  - {}\n  run: {out:?}\n  holds: {:?}",
+            cell.name,
+            problems.join("\n  - "),
+            rig.gate.holds().await
+        ))
+    }
+}
+
+/// The same cell straight at the runtime: how early `run` exits, and what it printed last.
+async fn direct<D, F>(
+    rig: Arc<Rig>,
+    name: &'static str,
+    prompt: String,
+    marker: String,
+    drive: D,
+) -> Result<Row, String>
+where
+    D: FnOnce(Arc<Rig>, String) -> F,
+    F: Future<Output = ()>,
+{
+    let from = Instant::now();
+    let run = async {
+        let out = rig.rt.run(rig.rt.url(), &[], &prompt).await;
+        (out, Instant::now())
+    };
+    let side = async {
+        let root = rig.root_for(&marker).await;
+        drive(rig.clone(), root.clone()).await;
+        root
+    };
+    let ((out, exited), root) = tokio::join!(run, side);
+    rig.wait_tree_idle(&root).await;
+    let tree = rig.tree(&root).await;
+    let last_busy = rig.last_busy(&tree, from, Instant::now());
+    let leaked = rig.leaked_idles(&rig.direct, &root, &tree, from, Instant::now());
+    let final_answer = rig.last_answer(&root).await;
+    let early = last_busy.map(|b| b.saturating_duration_since(exited));
+    let printed_final = out.stdout.contains(final_answer.trim());
+    let outcome = format!(
+        "direct: exit {:?} {} before the tree's last busy moment, {} root idle(s) while it worked, \
+         printed the root's last answer: {printed_final}; last line {:?}",
+        out.status.code(),
+        early.map_or("n/a".into(), |e| format!("{:.1}s", e.as_secs_f64())),
+        leaked,
+        out.stdout.trim().lines().last().unwrap_or_default(),
+    );
+    Ok(Row {
+        cell: name.into(),
+        outcome,
+    })
+}
+
+/// Spawns every cell (a panic in one is that cell's failure), prints the table, and fails
+/// naming the cells that did not hold.
+async fn run_cells(test: &str, cells: Vec<CellFuture>) {
+    let started = Instant::now();
+    let handles: Vec<_> = cells.into_iter().map(tokio::spawn).collect();
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for h in handles {
+        match h.await {
+            Ok(Ok(row)) => rows.push(row),
+            Ok(Err(failure)) => failures.push(failure),
+            Err(e) => failures.push(format!("a cell panicked: {e}")),
+        }
+    }
+    // Written to the stderr handle, not with `eprintln!` (captured for passing tests): the
+    // measured lags are what docs/compatibility.md records.
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{test} ({:.0?}):", started.elapsed());
+    for r in &rows {
+        let _ = writeln!(err, "  {:<48} {}", r.cell, r.outcome);
+    }
+    for f in &failures {
+        let _ = writeln!(err, "  FAILED {f}");
+    }
+    drop(err);
+    assert!(
+        failures.is_empty(),
+        "{} cell(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+type CellFuture = std::pin::Pin<Box<dyn Future<Output = Result<Row, String>> + Send>>;
+
+/// A through-taskgate cell as a boxed future.
+fn gated<D, F>(rig: &Arc<Rig>, cell: Cell, prompt: &str, marker: &str, drive: D) -> CellFuture
+where
+    D: FnOnce(Arc<Rig>, String) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    Box::pin(through_taskgate(
+        rig.clone(),
+        cell,
+        Vec::new(),
+        prompt.to_owned(),
+        marker.to_owned(),
+        drive,
+    ))
+}
+
+async fn nothing(_: Arc<Rig>, _: String) {}
+
+/// The runtime binary and the plugin, or `None` when the test skips.
+fn runtime_and_plugin(test: &str) -> Option<(RuntimeBinary, String)> {
+    let bin = runtime_or_skip(test)?;
+    let plugin = omo_plugin_or_skip(test)?;
+    Some((bin, plugin_url(&plugin)))
+}
+
+/// The oh-my-opencode cell with a grandchild, in wake mode (the root ends its turn after the
+/// launch): waits until the root answered the plugin's wake while the grandchild is held, checks
+/// that nothing let the root idle through meanwhile, then lets the grandchild end, and waits
+/// for the child's real answer.
+async fn wake_with_grandchild(rig: Arc<Rig>, root: String, name: &'static str) {
+    rig.held(name).await;
+    let child = rig.child(&root).await;
+    rig.rt.wait_for_text(&root, OMO_PARENT_NOTED, STEP).await;
+    let tree = rig.tree(&root).await;
+    let busy = rig.rt.busy_sessions().await;
+    assert!(
+        busy.iter().any(|b| tree.contains(b)),
+        "{name}: the grandchild is busy while held: {busy:?} of {tree:?}"
+    );
+    let idles = rig
+        .through
+        .events()
+        .iter()
+        .filter(|e| e["type"] == "session.idle" && e["properties"]["sessionID"] == root)
+        .count();
+    assert_eq!(
+        idles, 0,
+        "{name}: a root idle reached a client while the grandchild worked"
+    );
+    rig.provider.release(name);
+    rig.rt.wait_for_text(&child, OMO_CHILD_FINAL, STEP).await;
+}
+
+/// oh-my-opencode, wake mode, a child with a grandchild (issue 15, defect 1). The plugin judges
+/// the child done on its first idle and wakes the root once; the child really ends later
+/// (woken by its grandchild) and nobody wakes the root again. taskgate used to wait for a root
+/// turn after the child's *last* message, which never comes: `opencode run` never exited.
+/// Alongside, in the same runtime: the same cell with a child alone, `background_output` in
+/// block mode (child alone, with a grandchild), a failing child, an aborted child, and the
+/// wake cell straight at the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omo_wake_before_the_child_really_ends_does_not_hang() {
+    let test = "omo_wake_before_the_child_really_ends_does_not_hang";
+    let Some((bin, plugin)) = runtime_and_plugin(test) else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    let rt = Runtime::start_with_omo(&bin, &plugin, &provider.base_url(), omo_config()).await;
+    let rig = Rig::start(provider, rt, REST_BOUND).await;
+    let cells: Vec<CellFuture> = vec![
+        gated(
+            &rig,
+            Cell {
+                name: "omo wake, child with grandchild",
+                verdict: "completed",
+                answer: OMO_PARENT_NOTED,
+                matched: Some(true),
+            },
+            "OMO-WAKE-wake1: delegate this.",
+            "OMO-WAKE-wake1",
+            |rig, root| wake_with_grandchild(rig, root, "wake1"),
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "omo wake, child alone",
+                verdict: "completed",
+                answer: OMO_PARENT_NOTED,
+                matched: None,
+            },
+            "OMO-WAKE-solo1: delegate this.",
+            "OMO-WAKE-solo1",
+            nothing,
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "omo block, child with grandchild",
+                verdict: "completed",
+                answer: "PARENT-",
+                matched: None,
+            },
+            "OMO-PARENT-block1: delegate this.",
+            "OMO-PARENT-block1",
+            |rig, root| async move {
+                rig.held("block1").await;
+                let child = rig.child(&root).await;
+                // The plugin's premature "Task Result" reached the root's model.
+                rig.rt.wait_for_text(&root, OMO_PARENT_READ, STEP).await;
+                rig.provider.release("block1");
+                rig.rt.wait_for_text(&child, OMO_CHILD_FINAL, STEP).await;
+            },
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "omo block, child alone",
+                verdict: "completed",
+                answer: "PARENT-",
+                matched: None,
+            },
+            "OMO-PARENT-solo2: delegate this.",
+            "OMO-PARENT-solo2",
+            nothing,
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "omo wake, child fails",
+                verdict: "failed",
+                answer: "PARENT-",
+                matched: None,
+            },
+            "OMO-WAKE-fail1: delegate this.",
+            "OMO-WAKE-fail1",
+            nothing,
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "omo wake, child aborted while its grandchild works",
+                verdict: "aborted",
+                answer: "PARENT-",
+                matched: None,
+            },
+            "OMO-WAKE-abort1: delegate this.",
+            "OMO-WAKE-abort1",
+            |rig, root| async move {
+                rig.held("abort1").await;
+                let child = rig.child(&root).await;
+                abort(&rig, &child).await;
+                rig.provider.release("abort1");
+            },
+        ),
+        Box::pin(direct(
+            rig.clone(),
+            "omo wake, child with grandchild (direct)",
+            "OMO-WAKE-direct1: delegate this.".into(),
+            "OMO-WAKE-direct1".into(),
+            |rig, root| async move {
+                rig.held("direct1").await;
+                let child = rig.child(&root).await;
+                rig.rt.wait_for_text(&root, OMO_PARENT_NOTED, STEP).await;
+                rig.provider.release("direct1");
+                rig.rt.wait_for_text(&child, OMO_CHILD_FINAL, STEP).await;
+            },
+        )),
+    ];
+    run_cells(test, cells).await;
+}
+
+/// `POST /session/:id/abort` straight at the runtime.
+async fn abort(rig: &Rig, session: &str) {
+    let (status, body) = http_post_json(
+        &format!("{}/session/{session}/abort", rig.rt.url()),
+        None,
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    assert!(status.is_success(), "abort {session}: {status} {body:?}");
+}
+
+/// oh-my-opencode with its documented `background-notification` hook off: nobody is ever
+/// woken. Once the grandchild is released every session is idle for good, and the launches are
+/// never seen answered. taskgate used to say `running` for ever; now the resting tree is
+/// released within the liveness bound, with the launches it could not match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omo_without_wakes_is_released_once_the_tree_rests() {
+    let test = "omo_without_wakes_is_released_once_the_tree_rests";
+    let Some((bin, plugin)) = runtime_and_plugin(test) else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    let mut omo = omo_config();
+    omo["disabled_hooks"] = json!(["background-notification"]);
+    let rt = Runtime::start_with_omo(&bin, &plugin, &provider.base_url(), omo).await;
+    let rig = Rig::start(provider, rt, QUIET_REST_BOUND).await;
+    let cells: Vec<CellFuture> = vec![
+        gated(
+            &rig,
+            Cell {
+                name: "omo no wakes, child with grandchild",
+                verdict: "completed",
+                answer: OMO_PARENT_LAUNCHED,
+                matched: Some(false),
+            },
+            "OMO-WAKE-quiet1: delegate this.",
+            "OMO-WAKE-quiet1",
+            |rig, root| async move {
+                rig.held("quiet1").await;
+                let child = rig.child(&root).await;
+                rig.rt.wait_for_text(&child, OMO_CHILD_PARTIAL, STEP).await;
+                rig.provider.release("quiet1");
+            },
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "omo no wakes, child alone",
+                verdict: "completed",
+                answer: OMO_PARENT_LAUNCHED,
+                matched: Some(false),
+            },
+            "OMO-WAKE-solo3: delegate this.",
+            "OMO-WAKE-solo3",
+            nothing,
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "omo no wakes, block, child with grandchild",
+                verdict: "completed",
+                answer: OMO_PARENT_READ,
+                matched: None,
+            },
+            "OMO-PARENT-block3: delegate this.",
+            "OMO-PARENT-block3",
+            |rig, root| async move {
+                rig.held("block3").await;
+                rig.rt.wait_for_text(&root, OMO_PARENT_READ, STEP).await;
+                rig.provider.release("block3");
+            },
+        ),
+        Box::pin(direct(
+            rig.clone(),
+            "omo no wakes, child with grandchild (direct)",
+            "OMO-WAKE-direct3: delegate this.".into(),
+            "OMO-WAKE-direct3".into(),
+            |rig, root| async move {
+                rig.held("direct3").await;
+                let child = rig.child(&root).await;
+                rig.rt.wait_for_text(&child, OMO_CHILD_PARTIAL, STEP).await;
+                rig.provider.release("direct3");
+            },
+        )),
+    ];
+    run_cells(test, cells).await;
+}
+
+/// Native background `task` (`OPENCODE_EXPERIMENTAL_BACKGROUND_SUBAGENTS=true`): one child, two
+/// children, a child that launches its own background child, a failing child, an aborted child,
+/// an aborted root, and a second prompt in the same session; one child straight at the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_background_children_are_waited_for_on_every_shape() {
+    let Some(bin) = runtime_or_skip("native_background_children_are_waited_for_on_every_shape")
+    else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    // Nesting needs a depth of 2 and the `task` permission for the subagent on 1.18.
+    let opts = RuntimeOptions {
+        config: Some(json!({
+            "subagent_depth": 2,
+            "agent": {"general": {"permission": {"task": "allow"}}}
+        })),
+        ..RuntimeOptions::default()
+    };
+    let rt = Runtime::start(&bin, &provider.base_url(), opts).await;
+    let rig = Rig::start(provider, rt, REST_BOUND).await;
+    let cells: Vec<CellFuture> = vec![
+        gated(
+            &rig,
+            Cell {
+                name: "native, one child",
+                verdict: "completed",
+                answer: PARENT_FINAL,
+                matched: Some(true),
+            },
+            "Delegate this. @bg(CHILD-HOLD-n1 job)",
+            "CHILD-HOLD-n1",
+            |rig, root| async move {
+                rig.held("n1").await;
+                rig.rt.wait_for_text(&root, PARENT_LAUNCHED, STEP).await;
+                let tree = rig.tree(&root).await;
+                let busy = rig.rt.busy_sessions().await;
+                assert!(
+                    busy.iter().any(|b| tree.contains(b)),
+                    "n1: the child is busy while held: {busy:?} of {tree:?}"
+                );
+                rig.provider.release("n1");
+            },
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "native, two children",
+                verdict: "completed",
+                answer: "(completed=2 error=0)",
+                matched: Some(true),
+            },
+            "Delegate this. @bg(CHILD-HOLD-n2 job) @bg(CHILD-WORK-2S job)",
+            "CHILD-HOLD-n2",
+            |rig, root| async move {
+                rig.held("n2").await;
+                rig.rt.wait_for_text(&root, PARENT_LAUNCHED, STEP).await;
+                rig.provider.release("n2");
+            },
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "native, child with its own background child",
+                verdict: "completed",
+                answer: PARENT_FINAL,
+                matched: Some(true),
+            },
+            "Delegate this. @bg(NEST-n3 job)",
+            "NEST-n3",
+            |rig, root| async move {
+                rig.held("n3").await;
+                let child = rig.child(&root).await;
+                // The child's first end is reported to the root, which answers while the
+                // grandchild still works.
+                rig.rt.wait_for_text(&root, PARENT_FINAL, STEP).await;
+                rig.provider.release("n3");
+                rig.rt.wait_for_text(&child, PARENT_FINAL, STEP).await;
+            },
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "native, failing child",
+                verdict: "failed",
+                answer: "(completed=0 error=1)",
+                matched: None,
+            },
+            "Delegate this. @bg(CHILD-FAIL job n4)",
+            "CHILD-FAIL job n4",
+            nothing,
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "native, child aborted",
+                verdict: "aborted",
+                answer: PARENT_LAUNCHED,
+                matched: None,
+            },
+            "Delegate this. @bg(CHILD-HOLD-n5 job)",
+            "CHILD-HOLD-n5",
+            |rig, root| async move {
+                rig.held("n5").await;
+                let child = rig.child(&root).await;
+                rig.rt.wait_for_text(&root, PARENT_LAUNCHED, STEP).await;
+                abort(&rig, &child).await;
+                rig.provider.release("n5");
+            },
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "native, root aborted while its child works",
+                verdict: "aborted",
+                answer: "",
+                matched: None,
+            },
+            "Delegate this. @bg(CHILD-HOLD-n6 job)",
+            "CHILD-HOLD-n6",
+            |rig, root| async move {
+                rig.held("n6").await;
+                rig.rt.wait_for_text(&root, PARENT_LAUNCHED, STEP).await;
+                abort(&rig, &root).await;
+                rig.provider.release("n6");
+            },
+        ),
+        Box::pin(second_prompt(rig.clone())),
+        Box::pin(direct(
+            rig.clone(),
+            "native, one child (direct)",
+            "Delegate this. @bg(CHILD-HOLD-d1 job)".into(),
+            "CHILD-HOLD-d1".into(),
+            |rig, root| async move {
+                rig.held("d1").await;
+                rig.rt.wait_for_text(&root, PARENT_LAUNCHED, STEP).await;
+                rig.provider.release("d1");
+            },
+        )),
+    ];
+    run_cells(
+        "native_background_children_are_waited_for_on_every_shape",
+        cells,
+    )
+    .await;
+}
+
+/// A first run with a background child, then a second prompt in the same session: each run
+/// through taskgate exits with its own last answer, the second without waiting on anything of
+/// the first.
+async fn second_prompt(rig: Arc<Rig>) -> Result<Row, String> {
+    let first = through_taskgate(
+        rig.clone(),
+        Cell {
+            name: "native, first prompt of a session",
+            verdict: "completed",
+            answer: PARENT_FINAL,
+            matched: Some(true),
+        },
+        Vec::new(),
+        "Delegate this. @bg(CHILD-WORK-2S job n7)".into(),
+        "job n7".into(),
+        nothing,
+    )
+    .await?;
+    let root = rig.root_for("job n7").await;
+    let second = through_taskgate(
+        rig.clone(),
+        Cell {
+            name: "native, second prompt in the same session",
+            verdict: "completed",
+            answer: PARENT_FINAL,
+            matched: None,
+        },
+        vec!["--session".into(), root],
+        "And now say hello.".into(),
+        "job n7".into(),
+        nothing,
+    )
+    .await?;
+    Ok(Row {
+        cell: "native, second prompt in the same session".into(),
+        outcome: format!("first: {}; second: {}", first.outcome, second.outcome),
+    })
+}
