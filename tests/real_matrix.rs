@@ -615,9 +615,7 @@ async fn wake_with_grandchild(rig: Arc<Rig>, root: String, name: &'static str) {
 /// the child done on its first idle and wakes the root once; the child really ends later
 /// (woken by its grandchild) and nobody wakes the root again. taskgate used to wait for a root
 /// turn after the child's *last* message, which never comes: `opencode run` never exited.
-/// Alongside, in the same runtime: the same cell with a child alone, `background_output` in
-/// block mode (child alone, with a grandchild), a failing child, an aborted child, and the
-/// wake cell straight at the runtime.
+/// Alongside, in the same runtime, the same cell straight at the runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn omo_wake_before_the_child_really_ends_does_not_hang() {
     let test = "omo_wake_before_the_child_really_ends_does_not_hang";
@@ -640,6 +638,37 @@ async fn omo_wake_before_the_child_really_ends_does_not_hang() {
             "OMO-WAKE-wake1",
             |rig, root| wake_with_grandchild(rig, root, "wake1"),
         ),
+        Box::pin(direct(
+            rig.clone(),
+            "omo wake, child with grandchild (direct)",
+            "OMO-WAKE-direct1: delegate this.".into(),
+            "OMO-WAKE-direct1".into(),
+            |rig, root| async move {
+                rig.held("direct1").await;
+                let child = rig.child(&root).await;
+                rig.rt.wait_for_text(&root, OMO_PARENT_NOTED, STEP).await;
+                rig.provider.release("direct1");
+                rig.rt.wait_for_text(&child, OMO_CHILD_FINAL, STEP).await;
+            },
+        )),
+    ];
+    run_cells(test, &rig, cells).await;
+}
+
+/// oh-my-opencode's other shapes, in one runtime: wake mode with a child alone,
+/// `background_output` in block mode (child alone, child with a grandchild, where the plugin
+/// hands the root a premature "Task Result" and aborts the child), a failing child, and a child
+/// aborted while its grandchild works. Each is released with its own verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omo_block_and_failure_cells_are_released_with_their_verdicts() {
+    let test = "omo_block_and_failure_cells_are_released_with_their_verdicts";
+    let Some((bin, plugin)) = runtime_and_plugin(test) else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    let rt = Runtime::start_with_omo(&bin, &plugin, &provider.base_url(), omo_config()).await;
+    let rig = Rig::start(provider, rt, REST_BOUND).await;
+    let cells: Vec<CellFuture> = vec![
         gated(
             &rig,
             Cell {
@@ -712,19 +741,6 @@ async fn omo_wake_before_the_child_really_ends_does_not_hang() {
                 rig.provider.release("abort1");
             },
         ),
-        Box::pin(direct(
-            rig.clone(),
-            "omo wake, child with grandchild (direct)",
-            "OMO-WAKE-direct1: delegate this.".into(),
-            "OMO-WAKE-direct1".into(),
-            |rig, root| async move {
-                rig.held("direct1").await;
-                let child = rig.child(&root).await;
-                rig.rt.wait_for_text(&root, OMO_PARENT_NOTED, STEP).await;
-                rig.provider.release("direct1");
-                rig.rt.wait_for_text(&child, OMO_CHILD_FINAL, STEP).await;
-            },
-        )),
     ];
     run_cells(test, &rig, cells).await;
 }
