@@ -135,7 +135,7 @@ impl Rig {
         ids
     }
 
-    /// The `n`th child of `root`, once the runtime lists it.
+    /// The first child of `root`, once the runtime lists it.
     async fn child(&self, root: &str) -> String {
         let end = Instant::now() + STEP;
         loop {
@@ -657,8 +657,10 @@ async fn omo_wake_before_the_child_really_ends_does_not_hang() {
 
 /// oh-my-opencode's other shapes, in one runtime: wake mode with a child alone,
 /// `background_output` in block mode (child alone, child with a grandchild, where the plugin
-/// hands the root a premature "Task Result" and aborts the child), a failing child, and a child
-/// aborted while its grandchild works. Each is released with its own verdict.
+/// hands the root a premature "Task Result" and aborts the child), a failing child (the plugin
+/// never reports it, so only the liveness bound releases it), a child aborted while its
+/// grandchild works (the plugin wakes it again when the grandchild ends, and it finishes), and
+/// an aborted grandchild. Each is released with its own verdict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn omo_block_and_failure_cells_are_released_with_their_verdicts() {
     let test = "omo_block_and_failure_cells_are_released_with_their_verdicts";
@@ -727,8 +729,8 @@ async fn omo_block_and_failure_cells_are_released_with_their_verdicts() {
         gated(
             &rig,
             Cell {
-                name: "omo wake, child aborted while its grandchild works",
-                verdict: "aborted",
+                name: "omo wake, child aborted, then woken by its grandchild",
+                verdict: "completed",
                 answer: "PARENT-",
                 matched: None,
             },
@@ -739,6 +741,24 @@ async fn omo_block_and_failure_cells_are_released_with_their_verdicts() {
                 let child = rig.child(&root).await;
                 abort(&rig, &child).await;
                 rig.provider.release("abort1");
+            },
+        ),
+        gated(
+            &rig,
+            Cell {
+                name: "omo wake, grandchild aborted",
+                verdict: "aborted",
+                answer: "PARENT-",
+                matched: None,
+            },
+            "OMO-WAKE-abort2: delegate this.",
+            "OMO-WAKE-abort2",
+            |rig, root| async move {
+                rig.held("abort2").await;
+                let child = rig.child(&root).await;
+                let grandchild = rig.child(&child).await;
+                abort(&rig, &grandchild).await;
+                rig.provider.release("abort2");
             },
         ),
     ];
