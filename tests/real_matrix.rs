@@ -50,6 +50,8 @@ const ATTACHED_RUN_PRINTS_SINCE: &str = "1.18.33";
 /// The release the oh-my-opencode cells and native nesting (`subagent_depth`, since 1.18.2)
 /// are verified on; older releases skip them.
 const MATRIX_PLUGIN_SINCE: &str = "1.18.33";
+/// How many cells of one runtime run at once.
+const PARALLEL_CELLS: usize = 4;
 /// The liveness bound where nobody is ever woken (it is all the release waits for there).
 const QUIET_REST_BOUND: Duration = Duration::from_secs(12);
 
@@ -364,6 +366,18 @@ where
     let leaked = rig.leaked_idles(&rig.through, &root, &tree, from, exited);
     let lag = last_busy.map(|b| exited.saturating_duration_since(b));
     let wait_lag = last_busy.map(|b| wait_ended.saturating_duration_since(b));
+    // When taskgate let the root's idle through (the last one before the exit).
+    let idle_lag = rig
+        .through
+        .timed_events()
+        .iter()
+        .filter(|(at, e)| {
+            *at <= exited && e["type"] == "session.idle" && e["properties"]["sessionID"] == root
+        })
+        .map(|(at, _)| *at)
+        .last()
+        .zip(last_busy)
+        .map(|(at, b)| at.saturating_duration_since(b));
     let mut problems = Vec::new();
     if !out.status.success() {
         problems.push(format!("run exited {:?}", out.status.code()));
@@ -413,7 +427,8 @@ where
         },
         lag.map_or("n/a".into(), |l| format!("{:.1}s", l.as_secs_f64())),
     ) + &format!(
-        " (taskgate wait: {})",
+        " (root idle through taskgate: {}, taskgate wait: {})",
+        idle_lag.map_or("n/a".into(), |l| format!("{:.1}s", l.as_secs_f64())),
         wait_lag.map_or("n/a".into(), |l| format!("{:.1}s", l.as_secs_f64()))
     ) + &again.map_or(String::new(), |a| {
         format!(
@@ -484,7 +499,19 @@ where
 /// naming the cells that did not hold.
 async fn run_cells(test: &str, rig: &Rig, cells: Vec<CellFuture>) {
     let started = Instant::now();
-    let handles: Vec<_> = cells.into_iter().map(tokio::spawn).collect();
+    // At most this many cells at once: each starts an `opencode run` (a 185 MB binary) and a
+    // `taskgate wait`, and a runtime swamped by them answers reads too slowly on two cores.
+    let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_CELLS));
+    let handles: Vec<_> = cells
+        .into_iter()
+        .map(|cell| {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await.unwrap();
+                cell.await
+            })
+        })
+        .collect();
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for h in handles {
