@@ -305,7 +305,8 @@ async fn sample_status(url: String, samples: Arc<Mutex<Vec<Sample>>>) {
 /// What a cell expects, and what it measured.
 struct Cell {
     name: &'static str,
-    /// The verdict `taskgate wait` must return.
+    /// The verdict `taskgate wait` must return (`a|b`: either, when the plugin's own timing
+    /// decides which is true).
     verdict: &'static str,
     /// A text the root's last answer must contain.
     answer: &'static str,
@@ -398,7 +399,11 @@ where
             out.stdout
         ));
     }
-    if verdict["verdict"] != cell.verdict {
+    if !cell
+        .verdict
+        .split('|')
+        .any(|v| verdict["verdict"].as_str() == Some(v))
+    {
         problems.push(format!("taskgate wait: {verdict}"));
     }
     let unanswered = verdict["unanswered"].as_array().map_or(0, Vec::len);
@@ -855,7 +860,9 @@ async fn omo_without_wakes_is_released_once_the_tree_rests() {
             &rig,
             Cell {
                 name: "omo no wakes, block, child with grandchild",
-                verdict: "completed",
+                // The plugin aborts the child when its poll finds it idle (while the grandchild
+                // works) unless the child's turn ended first; nobody wakes it again here.
+                verdict: "completed|aborted",
                 answer: OMO_PARENT_READ,
                 matched: None,
             },
