@@ -172,9 +172,9 @@ impl Rig {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(at, busy)| *at >= from && *at <= to && busy.iter().any(|b| tree.contains(b)))
+            .rev()
+            .find(|(at, busy)| *at >= from && *at <= to && busy.iter().any(|b| tree.contains(b)))
             .map(|(at, _)| *at)
-            .last()
     }
 
     /// When the busy part of `tree` changed, from the samples: `age: [busy sessions]` lines.
@@ -372,11 +372,11 @@ where
         .through
         .timed_events()
         .iter()
-        .filter(|(at, e)| {
+        .rev()
+        .find(|(at, e)| {
             *at <= exited && e["type"] == "session.idle" && e["properties"]["sessionID"] == root
         })
         .map(|(at, _)| *at)
-        .last()
         .zip(last_busy)
         .map(|(at, b)| at.saturating_duration_since(b));
     let mut problems = Vec::new();
