@@ -17,15 +17,14 @@ mod provider;
 #[path = "support/runtime.rs"]
 mod runtime;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use provider::{
     RecordedRequest, ScriptedProvider, Turn, OMO_CHILD_FINAL, OMO_CHILD_PARTIAL, OMO_PARENT_READ,
 };
 use runtime::{
-    http_post_json, omo_config, omo_plugin_or_skip, runtime_or_skip, Runtime, RuntimeBinary,
-    RuntimeOptions,
+    http_post_json, omo_config, omo_plugin_or_skip, plugin_url, runtime_or_skip, Runtime,
+    RuntimeBinary,
 };
 use serde_json::{json, Value};
 use taskgate::config::Config;
@@ -41,36 +40,11 @@ const CLAIM_WINDOW: Duration = Duration::from_secs(8);
 fn runtime_and_plugin(test: &str) -> Option<(RuntimeBinary, String)> {
     let bin = runtime_or_skip(test)?;
     let plugin = omo_plugin_or_skip(test)?;
-    Some((bin, file_url(&plugin)))
+    Some((bin, plugin_url(&plugin)))
 }
 
-fn file_url(path: &Path) -> String {
-    format!("file://{}", path.display())
-}
-
-/// Starts the runtime with the plugin loaded and checks that it is: the plugin's agents are
-/// listed only once it registered them.
 async fn start_with_plugin(bin: &RuntimeBinary, plugin: &str, provider_base_url: &str) -> Runtime {
-    let opts = RuntimeOptions {
-        env: vec![("OMO_DISABLE_POSTHOG".into(), "1".into())],
-        plugins: vec![plugin.to_string()],
-        omo_config: Some(omo_config()),
-        ..RuntimeOptions::default()
-    };
-    let rt = Runtime::start(bin, provider_base_url, opts).await;
-    let agents = rt.get_json("/agent").await;
-    let names: Vec<&str> = agents
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a["name"].as_str())
-        .collect();
-    assert!(
-        names.contains(&"Sisyphus-Junior") && names.contains(&"explore"),
-        "oh-my-opencode is not loaded: agents {names:?}\n{}",
-        rt.logs()
-    );
-    rt
+    Runtime::start_with_omo(bin, plugin, provider_base_url, omo_config()).await
 }
 
 /// Creates a root session and prompts it with the scenario in the background (the prompt's

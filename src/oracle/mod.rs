@@ -107,10 +107,10 @@ pub struct Decision {
     /// `background: true` task or an oh-my-opencode launch).
     /// Only such trees wait out the settle window.
     pub background: bool,
-    /// Children whose background launch was never seen answered. Set when the tree was
-    /// released by the liveness bound (it rested `gate.rest_bound` with nothing else open).
+    /// What the rule could not match, one reason per session, when the tree was released by
+    /// the liveness bound (at rest, nothing moving, for `gate.rest_bound`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub unanswered: Vec<String>,
+    pub unmatched: Vec<String>,
     pub sessions: Vec<SessionSummary>,
 }
 
@@ -160,7 +160,7 @@ struct Reading {
     error: Option<ClientError>,
     /// Since when the tree has been at rest with only clause 5 unmatched, and the tree's last
     /// activity then: a later read with the same activity keeps the same start.
-    rest: Option<(Instant, Option<i64>)>,
+    rest: Option<(Instant, rule::Activity)>,
 }
 
 /// How fresh a shared read must be for a caller to reuse it.
@@ -458,13 +458,13 @@ impl Oracle {
                 // The liveness bound: a tree at rest with only clause 5 unmatched is given
                 // the verdict it would have without that clause once it has rested long enough.
                 let rest = tree.at_rest.as_ref().map(|_| match previous_rest {
-                    Some((since, activity)) if activity == tree.last_activity => (since, activity),
-                    _ => (started, tree.last_activity),
+                    Some((since, activity)) if activity == tree.activity => (since, activity),
+                    _ => (started, tree.activity),
                 });
                 if let (Some(at_rest), Some((since, _))) = (tree.at_rest, rest) {
                     if started.saturating_duration_since(since) >= self.inner.rest_bound {
                         decision.verdict = at_rest.verdict;
-                        decision.unanswered = at_rest.unanswered;
+                        decision.unmatched = at_rest.unmatched;
                     }
                 }
                 Reading {
@@ -496,7 +496,7 @@ fn unknown(reason: &str) -> Decision {
             reason: reason.to_owned(),
         },
         background: false,
-        unanswered: Vec::new(),
+        unmatched: Vec::new(),
         sessions: Vec::new(),
     }
 }

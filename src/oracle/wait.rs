@@ -125,7 +125,7 @@ pub fn report(decision: &Decision) -> serde_json::Value {
         "session": session,
         "text": text,
         "background": decision.background,
-        "unanswered": decision.unanswered,
+        "unmatched": decision.unmatched,
         "sessions": decision.sessions,
     })
 }

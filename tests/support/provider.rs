@@ -21,6 +21,9 @@
 //!   [`OMO_PARENT_NOTED`]. The child calls `call_omo_agent` (`explore`, in the background) with a
 //!   grandchild prompt `CHILD-HOLD-<name>`, ends its turn with [`OMO_CHILD_PARTIAL`], and answers
 //!   [`OMO_CHILD_FINAL`] when woken. The grandchild is an ordinary `CHILD-HOLD-<name>` child.
+//!   With `OMO-WAKE-<name>` instead, the root launches the same child and ends its turn at once
+//!   with [`OMO_PARENT_LAUNCHED`] (it never calls `background_output`): it learns of the child
+//!   only through the plugin's wakes, each answered with [`OMO_PARENT_NOTED`].
 //! - Anything else is answered plainly with [`PLAIN_ANSWER`]; requests without tools (the title
 //!   request) get a short title.
 //!
@@ -65,6 +68,8 @@ pub const OMO_CHILD_PARTIAL: &str = "partial: my grandchild's result is not in y
 pub const OMO_CHILD_FINAL: &str = "CHILD-FINAL: the grandchild reported, here is the real answer";
 /// The oh-my-opencode parent's answer after reading `background_output`.
 pub const OMO_PARENT_READ: &str = "PARENT-READ: I read the background result.";
+/// The oh-my-opencode parent's answer right after launching, in wake mode.
+pub const OMO_PARENT_LAUNCHED: &str = "PARENT-LAUNCHED: the child runs in the background.";
 /// The oh-my-opencode parent's answer to any later prompt (the plugin's wakes).
 pub const OMO_PARENT_NOTED: &str = "PARENT-NOTED: noted.";
 /// Upper bound for `CHILD-HOLD-*` so a forgotten release cannot hang a test run forever.
@@ -105,6 +110,8 @@ pub enum OmoTurn {
     ParentPoll { task_id: String },
     /// Root after the `background_output` result (the claim under test).
     ParentRead,
+    /// Root in wake mode after the launch result: ends its turn with [`OMO_PARENT_LAUNCHED`].
+    ParentLaunched,
     /// Root answering anything later (the plugin's wakes).
     ParentWake,
     /// Child (Sisyphus-Junior), first step: `call_omo_agent({subagent_type:"explore", …})`.
@@ -610,6 +617,7 @@ fn omo_step(turn: &OmoTurn, id: u64) -> Step {
             }),
         ),
         OmoTurn::ParentRead => Step::Text(OMO_PARENT_READ.into()),
+        OmoTurn::ParentLaunched => Step::Text(OMO_PARENT_LAUNCHED.into()),
         OmoTurn::ParentWake => Step::Text(OMO_PARENT_NOTED.into()),
         OmoTurn::ChildPartial => Step::Text(OMO_CHILD_PARTIAL.into()),
         OmoTurn::ChildFinal => Step::Text(OMO_CHILD_FINAL.into()),
@@ -647,6 +655,13 @@ fn omo_turn(body: &Value) -> Option<OmoTurn> {
                     .unwrap_or_default(),
             },
             (Some("background_output"), true) => OmoTurn::ParentRead,
+            _ => OmoTurn::ParentWake,
+        });
+    }
+    if let Some(name) = marker_value(&users, "OMO-WAKE-") {
+        return Some(match (last_call, after_tool) {
+            (None, _) => OmoTurn::ParentLaunch { name },
+            (Some("task"), true) => OmoTurn::ParentLaunched,
             _ => OmoTurn::ParentWake,
         });
     }

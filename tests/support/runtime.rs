@@ -440,6 +440,11 @@ pub fn omo_config() -> Value {
     })
 }
 
+/// The `file://` URL a project's `opencode.json` loads an installed plugin folder by.
+pub fn plugin_url(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
 /// A running `opencode serve`, killed (with its process group) on drop.
 pub struct Runtime {
     pub binary: RuntimeBinary,
@@ -543,6 +548,37 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(100)).await; // poll interval, not a sync
         }
         rt.startup = started.elapsed();
+        rt
+    }
+
+    /// Starts the runtime with oh-my-opencode (`plugin`, a `file://` URL) and `omo` as its
+    /// `.omo/omo.json`, and checks the plugin is loaded: its agents are listed only once it
+    /// registered them.
+    pub async fn start_with_omo(
+        binary: &RuntimeBinary,
+        plugin: &str,
+        provider_base_url: &str,
+        omo: Value,
+    ) -> Runtime {
+        let opts = RuntimeOptions {
+            env: vec![("OMO_DISABLE_POSTHOG".into(), "1".into())],
+            plugins: vec![plugin.to_string()],
+            omo_config: Some(omo),
+            ..RuntimeOptions::default()
+        };
+        let rt = Runtime::start(binary, provider_base_url, opts).await;
+        let agents = rt.get_json("/agent").await;
+        let names: Vec<&str> = agents
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"Sisyphus-Junior") && names.contains(&"explore"),
+            "oh-my-opencode is not loaded: agents {names:?}\n{}",
+            rt.logs()
+        );
         rt
     }
 
