@@ -115,7 +115,7 @@ async fn release_prompt(
     let inner = &gate.inner;
     let deadline = Instant::now() + inner.config.max_hold.0;
     let outcome = tokio::select! {
-        outcome = inner.oracle.wait_terminal(&session, Some(deadline)) => outcome,
+        outcome = inner.oracle.wait_terminal_seeing(&session, Some(deadline), |d| guard.update(&d.verdict)) => outcome,
         _ = inner.shutdown.cancelled() => Err(OracleError::Cancelled),
     };
     let decision = match outcome {

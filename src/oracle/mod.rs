@@ -255,6 +255,17 @@ impl Oracle {
         session: &SessionRef,
         deadline: Option<Instant>,
     ) -> Result<Decision, OracleError> {
+        self.wait_terminal_seeing(session, deadline, |_| {}).await
+    }
+
+    /// [`Oracle::wait_terminal`], telling `progress` every decision read on the way (what a
+    /// hold row shows while it waits).
+    pub async fn wait_terminal_seeing(
+        &self,
+        session: &SessionRef,
+        deadline: Option<Instant>,
+        progress: impl Fn(&Decision),
+    ) -> Result<Decision, OracleError> {
         let mut changes = self.inner.state.subscribe();
         let mut last: Option<Decision> = None;
         let past_deadline = |last: Option<Decision>, reading: Option<&Reading>| {
@@ -274,6 +285,7 @@ impl Oracle {
                 _ = sleep_until_opt(deadline) => return Err(past_deadline(last, None)),
                 _ = self.inner.shutdown.cancelled() => return Err(OracleError::Cancelled),
             };
+            progress(&reading.decision);
             // Never wait out something that cannot come: refused credentials are a
             // configuration error at once; an unreachable runtime, after the liveness bound.
             match &reading.error {
