@@ -466,13 +466,9 @@ impl Oracle {
                 let mut decision = tree.decision;
                 // The liveness bound: a tree at rest with only clause 5 unmatched is given
                 // the verdict it would have without that clause once it has rested long enough.
-                let rest = tree.at_rest.as_ref().map(|_| {
-                    match previous_rest {
-                        Some((since, activity)) if activity == tree.last_activity => {
-                            (since, activity)
-                        }
-                        _ => (started, tree.last_activity),
-                    }
+                let rest = tree.at_rest.as_ref().map(|_| match previous_rest {
+                    Some((since, activity)) if activity == tree.last_activity => (since, activity),
+                    _ => (started, tree.last_activity),
                 });
                 if let (Some(at_rest), Some((since, _))) = (tree.at_rest, rest) {
                     if started.saturating_duration_since(since) >= self.inner.rest_bound {
@@ -548,7 +544,8 @@ impl Oracle {
                     (Ok(info), Ok(messages)) => (info, messages),
                     // A child that no longer exists (deleted) cannot hold the tree; a root
                     // that no longer exists is a verdict of its own.
-                    (Err(ClientError::NotFound { .. }), _) | (_, Err(ClientError::NotFound { .. })) => {
+                    (Err(ClientError::NotFound { .. }), _)
+                    | (_, Err(ClientError::NotFound { .. })) => {
                         if is_root {
                             return Ok(TreeRead::gone(&root.id));
                         }
@@ -570,10 +567,12 @@ impl Oracle {
                 let status = statuses.get(&id).cloned();
                 let busy_now = status.as_ref().is_some_and(|s| !s.is_idle());
                 let seen_busy = self.inner.state.busy_ever(&id) || busy_now;
-                let prompt_pending =
-                    self.inner
-                        .state
-                        .prompt_pending(&id, busy_now, &messages, self.inner.rest_bound);
+                let prompt_pending = self.inner.state.prompt_pending(
+                    &id,
+                    busy_now,
+                    &messages,
+                    self.inner.rest_bound,
+                );
                 sessions.insert(
                     id,
                     SessionSnapshot {

@@ -261,10 +261,7 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, No
         } || child_aborted(tree, &launch.child);
         if !answered {
             return Err(NotDone::Unanswered {
-                reason: format!(
-                    "background task {} not yet answered (rule 5)",
-                    launch.child
-                ),
+                reason: format!("background task {} not yet answered (rule 5)", launch.child),
                 child: launch.child,
             });
         }
@@ -609,15 +606,24 @@ mod tests {
                 ROOT,
                 None,
                 None,
-                vec![user(1, "go"), omo_launch(), answer(3, "launched"),
-                    user(5, "[BACKGROUND TASK COMPLETED]"), answer(6, "root read the partial")],
+                vec![
+                    user(1, "go"),
+                    omo_launch(),
+                    answer(3, "launched"),
+                    user(5, "[BACKGROUND TASK COMPLETED]"),
+                    answer(6, "root read the partial"),
+                ],
             ),
             snap(
                 CHILD,
                 None,
                 None,
-                vec![user(1, "w"), answer(4, "partial"), user(8, "[BACKGROUND TASK COMPLETED]"),
-                    answer(9, "child final")],
+                vec![
+                    user(1, "w"),
+                    answer(4, "partial"),
+                    user(8, "[BACKGROUND TASK COMPLETED]"),
+                    answer(9, "child final"),
+                ],
             ),
         ]);
         let j = judge(&t);
@@ -642,7 +648,12 @@ mod tests {
                 None,
                 vec![user(1, "go"), omo_launch(), answer(3, "launched")],
             ),
-            snap(CHILD, None, None, vec![user(1, "w"), answer(4, "child done")]),
+            snap(
+                CHILD,
+                None,
+                None,
+                vec![user(1, "w"), answer(4, "child done")],
+            ),
         ]);
         let j = judge(&resting);
         assert_eq!(j.verdict.name(), "running");
@@ -659,7 +670,12 @@ mod tests {
         let mut failing = resting.clone();
         failing.sessions.insert(
             CHILD.into(),
-            snap(CHILD, None, None, vec![user(1, "w"), with_error(answer(4, ""), "APIError")]),
+            snap(
+                CHILD,
+                None,
+                None,
+                vec![user(1, "w"), with_error(answer(4, ""), "APIError")],
+            ),
         );
         assert_eq!(
             judge(&failing).at_rest.map(|r| r.verdict.name()),
