@@ -28,9 +28,37 @@ impl Serve {
     /// Starts `taskgate serve` on a free port in front of `upstream` and waits for its
     /// "taskgate serving" line, which carries the bound address.
     async fn start(upstream: &str, env: &[(&str, &str)]) -> Serve {
+        Serve::start_with(upstream, env, None, None).await
+    }
+
+    /// [`Serve::start`] with a config file and an open-file limit.
+    async fn start_with(
+        upstream: &str,
+        env: &[(&str, &str)],
+        config: Option<&std::path::Path>,
+        open_files: Option<u64>,
+    ) -> Serve {
         let mut command = Command::new(TASKGATE);
+        command.args(["serve", "--listen", "127.0.0.1:0", "--upstream", upstream]);
+        if let Some(path) = config {
+            command.arg("--config").arg(path);
+        }
+        if let Some(limit) = open_files {
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit as libc::rlim_t,
+                        rlim_max: limit as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--upstream", upstream])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -217,4 +245,50 @@ async fn config_check_accepts_an_all_digit_password_and_never_prints_it() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stdout.contains("4815162342") && !stderr.contains("4815162342"));
     assert!(stdout.contains("password = \"<redacted>\""), "{stdout}");
+}
+
+/// Under a low open-file limit, 90 silent connections used up the descriptors: every client,
+/// `/_taskgate/health` included, was locked out for good and "accept failed" was logged 20
+/// times a second. Now the cap keeps descriptors in hand, slow clients are cut by the header
+/// timeout, and health answers once its turn comes.
+#[tokio::test]
+async fn low_descriptor_limit_neither_locks_out_health_nor_floods_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nheader_read_timeout = \"500ms\"\nidle_timeout = \"500ms\"\n[gate]\nenabled = false\n",
+    )
+    .unwrap();
+    let mut serve = Serve::start_with(&refused_url(), &[], Some(&path), Some(100)).await;
+    let mut silent = Vec::new();
+    for _ in 0..90 {
+        silent.push(tokio::net::TcpStream::connect(serve.addr).await.unwrap());
+    }
+    let (status, body) = get(serve.addr, "/_taskgate/health")
+        .await
+        .expect("health answers");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    drop(silent);
+    serve.signal(libc::SIGTERM);
+    let mut log = Vec::new();
+    let lines = serve.stderr.as_mut().unwrap();
+    while let Some(line) = within("the rest of the log", lines.next_line())
+        .await
+        .unwrap()
+    {
+        log.push(line);
+    }
+    assert!(serve.exited().await.success());
+    let failures = log.iter().filter(|l| l.contains("accept failed")).count();
+    assert!(
+        failures <= 1,
+        "{failures} accept failures logged:\n{}",
+        log.join("\n")
+    );
+    assert!(
+        log.iter().any(|l| l.contains("max_connections lowered")),
+        "{}",
+        log.join("\n")
+    );
 }

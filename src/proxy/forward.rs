@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use super::body::Relay;
 use super::error::ProxyError;
+use super::socket::Abandon;
 use super::{headers, upgrade, ProxyState};
 use crate::metrics::{KindLabel, StatusClass};
 
@@ -97,9 +98,14 @@ pub async fn forward(
         Relay::new(Body::new(body), metrics.bytes_to_upstream.clone())
             .flag_failure(body_failed.clone()),
     );
-    let upstream_req = Request::from_parts(parts, body);
+    let mut upstream_req = Request::from_parts(parts, body);
 
-    let mut response = match state.client().request(upstream_req).await {
+    // Until the runtime answers, a client that goes away (this future dropped) aborts the
+    // upstream connection outright: see `socket::Abandon`.
+    let abandon = Abandon::arm(&mut upstream_req);
+    let result = state.client().request(upstream_req).await;
+    abandon.disarm();
+    let mut response = match result {
         Ok(response) => response,
         // The client's body broke (it left mid-upload, or sent malformed chunked framing):
         // the exchange failed on the client's side, not the runtime's.

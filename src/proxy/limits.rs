@@ -62,6 +62,7 @@ fn raise_open_file_limit() -> Option<u64> {
             limit = raised;
         }
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not on every unix.
     (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur as u64)
 }
 

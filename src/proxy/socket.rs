@@ -5,18 +5,23 @@
 //! runtime reads nothing, so the client's reset is never read and the exchange, with its
 //! upstream request, would stay open for good. [`ClientIo`] shares the client socket so that
 //! [`client_gone`] can watch for its error state independently of hyper; dropping the exchange
-//! then drops the upstream request, and [`UpstreamIo`] closes that connection with a reset when
-//! bytes are still stuck in its send queue (a FIN would queue behind bytes the runtime never
-//! reads, and the runtime would never learn the request is over).
+//! then drops the upstream request, and [`Abandon`] aborts its connection: hyper would otherwise
+//! flush before closing, which never completes while the runtime reads nothing. The aborted
+//! [`UpstreamIo`] closes with a reset, because a FIN would queue behind bytes the runtime never
+//! reads and the runtime would never learn the request is over.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use futures_util::task::AtomicWaker;
+use hyper_util::client::legacy::connect::{
+    capture_connection, CaptureConnection, Connected, Connection, HttpConnector,
+};
 use hyper_util::rt::TokioIo;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -149,21 +154,110 @@ impl tower::Service<http::Uri> for UpstreamConnector {
             Ok(UpstreamIo {
                 inner: connecting.await?,
                 write_stalled: false,
+                abort: Abort::default(),
             })
         })
     }
 }
 
+/// Aborts one upstream connection from outside hyper. Travels as an extra of the connection's
+/// [`Connected`] metadata, so a request can reach the connection it was given.
+#[derive(Clone, Default)]
+pub struct Abort(Arc<AbortState>);
+
+#[derive(Default)]
+struct AbortState {
+    aborted: AtomicBool,
+    /// The connection task, waiting on a write the runtime does not read.
+    waker: AtomicWaker,
+}
+
+impl Abort {
+    fn abort(&self) {
+        self.0.aborted.store(true, Ordering::SeqCst);
+        self.0.waker.wake();
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.0.aborted.load(Ordering::SeqCst)
+    }
+}
+
+/// Held by a forward while its request is with the runtime and no response head has come.
+/// Dropped armed (the client went away, so the forward future was dropped), it aborts the
+/// upstream connection the request was sent on.
+pub struct Abandon {
+    capture: CaptureConnection,
+    armed: bool,
+}
+
+impl Abandon {
+    /// Arms for `request`, which must not have been sent yet.
+    pub fn arm<B>(request: &mut http::Request<B>) -> Abandon {
+        Abandon {
+            capture: capture_connection(request),
+            armed: true,
+        }
+    }
+
+    /// The response head arrived (or the request failed): the connection is hyper's again.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(connected) = self.capture.connection_metadata().as_ref() {
+            let mut extras = http::Extensions::new();
+            connected.get_extras(&mut extras);
+            if let Some(abort) = extras.get::<Abort>() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+fn aborted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "request abandoned by the client",
+    )
+}
+
 /// An upstream connection that remembers whether its last write is still waiting for the
-/// runtime to read.
+/// runtime to read, and can be aborted (see [`Abandon`]).
 pub struct UpstreamIo {
     inner: TokioIo<TcpStream>,
     write_stalled: bool,
+    abort: Abort,
+}
+
+impl UpstreamIo {
+    /// `result` of a write: remembers a stall, and fails the write once aborted (checked after
+    /// registering for the wake-up, so an abort in between is not missed).
+    fn after_write<T>(
+        &mut self,
+        cx: &Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        self.write_stalled = result.is_pending();
+        if result.is_pending() {
+            self.abort.0.waker.register(cx.waker());
+            if self.abort.is_aborted() {
+                return Poll::Ready(Err(aborted()));
+            }
+        }
+        result
+    }
 }
 
 impl Drop for UpstreamIo {
     fn drop(&mut self) {
-        if self.write_stalled {
+        if self.write_stalled || self.abort.is_aborted() {
             // Linger 0: close() sends a reset and discards the unsent bytes, so the runtime
             // sees the request end now rather than never.
             let _ = SockRef::from(self.inner.inner()).set_linger(Some(Duration::ZERO));
@@ -173,7 +267,7 @@ impl Drop for UpstreamIo {
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        self.inner.connected()
+        self.inner.connected().extra(self.abort.clone())
     }
 }
 
@@ -193,9 +287,11 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.abort.is_aborted() {
+            return Poll::Ready(Err(aborted()));
+        }
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.write_stalled = result.is_pending();
-        result
+        self.after_write(cx, result)
     }
 
     fn poll_write_vectored(
@@ -203,9 +299,11 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.abort.is_aborted() {
+            return Poll::Ready(Err(aborted()));
+        }
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.write_stalled = result.is_pending();
-        result
+        self.after_write(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -213,10 +311,16 @@ impl hyper::rt::Write for UpstreamIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.abort.is_aborted() {
+            return Poll::Ready(Err(aborted()));
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.abort.is_aborted() {
+            return Poll::Ready(Err(aborted()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
