@@ -282,6 +282,7 @@ async fn sim(args: SimArgs) -> ExitCode {
     }
     let options = crate::sim::SimOptions {
         time_scale: args.time_scale,
+        ..crate::sim::SimOptions::default()
     };
     match crate::sim::run(listener, options, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -274,15 +274,7 @@ impl Default for GateConfig {
             prompt: true,
             status: true,
             history: true,
-            claim_tools: [
-                "task",
-                "task_status",
-                "background_output",
-                "mcp_background_output",
-                "TaskOutput",
-            ]
-            .map(String::from)
-            .to_vec(),
+            claim_tools: crate::claims::DEFAULT_TOOLS.map(String::from).to_vec(),
             settle_window: HumanDuration(Duration::from_secs(1)),
             rest_bound: HumanDuration(Duration::from_secs(20)),
             max_hold: HumanDuration(Duration::from_secs(6 * 3600)),
@@ -332,15 +324,7 @@ impl Default for ModelConfig {
             openai_chat: "https://api.openai.com/v1".to_owned(),
             openai_responses: "https://api.openai.com/v1".to_owned(),
             anthropic: "https://api.anthropic.com/v1".to_owned(),
-            claim_tools: [
-                "background_output",
-                "mcp_background_output",
-                "TaskOutput",
-                "task_status",
-                "task",
-            ]
-            .map(String::from)
-            .to_vec(),
+            claim_tools: crate::claims::DEFAULT_TOOLS.map(String::from).to_vec(),
             max_hold: HumanDuration(Duration::from_secs(240)),
             inspect_limit_bytes: 64 * 1024 * 1024,
         }
@@ -554,12 +538,6 @@ impl Config {
             return Err(ConfigError::invalid(
                 "gate.max_hold",
                 "must be more than 0s",
-            ));
-        }
-        if self.gate.rest_bound.0 < self.gate.settle_window.0 {
-            return Err(ConfigError::invalid(
-                "gate.rest_bound",
-                "must be at least gate.settle_window (a resting tree is released after both)",
             ));
         }
         if self.gate.prompt_keepalive.0.is_zero() {

@@ -66,7 +66,10 @@ async fn demo(name: &str, summary: &str, time_scale: f64) -> Result<bool, DemoEr
     let sim_url = format!("http://{}", sim_listener.local_addr()?);
     tokio::spawn(crate::sim::run(
         sim_listener,
-        SimOptions { time_scale },
+        SimOptions {
+            time_scale,
+            ..SimOptions::default()
+        },
         shutdown.clone(),
     ));
 

@@ -22,6 +22,7 @@
 //! Data flows one way: client → proxy → upstream, and back through the gate, which asks the
 //! oracle. The oracle knows nothing of HTTP clients; the proxy never decides what is terminal.
 
+pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -36,11 +36,16 @@ impl Drop for Setup {
 }
 
 async fn setup(data: Data) -> Setup {
+    setup_with(data, |_| {}).await
+}
+
+async fn setup_with(data: Data, tune: impl FnOnce(&mut Config)) -> Setup {
     let up = Upstream::start(data, None).await;
     let mut config = Config::defaults();
     config.proxy.upstream = up.url.clone();
     config.gate.settle_window = HumanDuration(Duration::from_millis(100));
     config.oracle.poll_interval = HumanDuration(Duration::from_millis(50));
+    tune(&mut config);
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = format!("http://{}", listener.local_addr().unwrap());
@@ -186,4 +191,26 @@ async fn frames_the_gate_cannot_parse_pass_untouched() {
     );
     let b = next(&mut s.events).await;
     assert_eq!(b, json!({"no_type": true}));
+}
+
+/// At `max_hold` a held idle is not passed on as if the tree were done: a `session.error`
+/// saying why comes first, so a client that stops on the idle has been told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_hold_on_an_event_stream_sends_an_error_before_the_idle() {
+    let mut s = setup_with(Data::child_busy(), |c| {
+        c.gate.max_hold = HumanDuration(Duration::from_millis(300));
+    })
+    .await;
+    s.up.double.emit(idle(PARENT));
+    let error = next(&mut s.events).await;
+    assert_eq!(describe(&error), format!("session.error {PARENT}"));
+    assert_eq!(error["properties"]["error"]["name"], "TaskgateHoldError");
+    let message = error["properties"]["error"]["data"]["message"]
+        .as_str()
+        .unwrap();
+    assert!(message.contains(CHILD), "names the busy child: {message}");
+    assert_eq!(
+        describe(&next(&mut s.events).await),
+        format!("session.idle {PARENT}")
+    );
 }

@@ -3,78 +3,41 @@
 //! truth through taskgate: it stops only once the whole tree is terminal, within the settle
 //! window (+200 ms) of the moment it became so, and prints the parent's last answer.
 
+#[path = "support/sim.rs"]
+mod sim;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use serde_json::Value;
-use taskgate::config::{Config, HumanDuration};
+use sim::Stack;
+use taskgate::config::HumanDuration;
 use taskgate::sim::client::{run_like_opencode_run, RunReport, Seen};
 use taskgate::sim::SimOptions;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 const TIME_SCALE: f64 = 0.25;
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// A simulated runtime and taskgate in front of it, both on free loopback ports.
-struct Stack {
-    sim: String,
-    proxy: String,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
 async fn stack() -> Stack {
-    let shutdown = CancellationToken::new();
-    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = format!("http://{}", sim_listener.local_addr().unwrap());
     let options = SimOptions {
         time_scale: TIME_SCALE,
+        ..SimOptions::default()
     };
-    tokio::spawn(taskgate::sim::run(sim_listener, options, shutdown.clone()));
-    let mut config = Config::defaults();
-    config.proxy.upstream = sim.clone();
-    config.gate.settle_window = HumanDuration(SETTLE);
-    config.oracle.poll_interval = HumanDuration(Duration::from_millis(100));
-    let proxy_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = format!("http://{}", proxy_listener.local_addr().unwrap());
-    tokio::spawn(taskgate::proxy::run(
-        proxy_listener,
-        config,
-        shutdown.clone(),
-    ));
-    Stack {
-        sim,
-        proxy,
-        shutdown,
-    }
-}
-
-async fn get_json(url: &str) -> Value {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let response = client.get(url.parse().unwrap()).await.unwrap();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&body).unwrap()
+    sim::stack(options, |c| c.gate.settle_window = HumanDuration(SETTLE)).await
 }
 
 /// The runtime's own view, read directly: is any session of `root`'s tree still working?
 /// A session works while the status map lists it, or while its last message is not a finished
 /// assistant turn (a child that is still starting has no answer yet).
 async fn tree_still_working(sim: &str, root: &str) -> Option<String> {
-    let status = get_json(&format!("{sim}/session/status")).await;
+    let status = sim::get(&format!("{sim}/session/status")).await;
     let mut pending = vec![root.to_owned()];
     while let Some(id) = pending.pop() {
         if let Some(s) = status.get(&id) {
             return Some(format!("{id} is {s}"));
         }
-        let messages = get_json(&format!("{sim}/session/{id}/message")).await;
+        let messages = sim::get(&format!("{sim}/session/{id}/message")).await;
         let last = messages
             .as_array()
             .and_then(|m| m.last())
@@ -86,7 +49,7 @@ async fn tree_still_working(sim: &str, root: &str) -> Option<String> {
         if !finished {
             return Some(format!("{id}'s last turn has not ended"));
         }
-        let children = get_json(&format!("{sim}/session/{id}/children")).await;
+        let children = sim::get(&format!("{sim}/session/{id}/children")).await;
         for child in children.as_array().into_iter().flatten() {
             if let Some(child) = child["id"].as_str() {
                 pending.push(child.to_owned());

@@ -2,6 +2,9 @@
 //! child is busy: what a client polling the status map, reading history, or watching
 //! `/global/event` sees through taskgate, next to what the runtime itself says.
 
+#[path = "support/sim.rs"]
+mod sim;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,45 +12,23 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use sim::Stack;
 use taskgate::config::{Config, HumanDuration};
 use taskgate::sim::SimOptions;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
-struct Stack {
-    sim: String,
-    proxy: String,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
 async fn stack(tune: impl FnOnce(&mut Config)) -> Stack {
-    let shutdown = CancellationToken::new();
-    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = format!("http://{}", sim_listener.local_addr().unwrap());
-    let options = SimOptions { time_scale: 0.5 };
-    tokio::spawn(taskgate::sim::run(sim_listener, options, shutdown.clone()));
-    let mut config = Config::defaults();
-    config.proxy.upstream = sim.clone();
-    config.gate.settle_window = HumanDuration(Duration::from_millis(200));
-    config.oracle.poll_interval = HumanDuration(Duration::from_millis(100));
-    tune(&mut config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(taskgate::proxy::run(listener, config, shutdown.clone()));
-    Stack {
-        sim,
-        proxy,
-        shutdown,
-    }
+    let options = SimOptions {
+        time_scale: 0.5,
+        ..SimOptions::default()
+    };
+    sim::stack(options, |c| {
+        c.gate.settle_window = HumanDuration(Duration::from_millis(200));
+        tune(c);
+    })
+    .await
 }
 
 async fn call(method: &str, url: &str, body: Option<Value>) -> (http::HeaderMap, Value) {
@@ -246,26 +227,6 @@ async fn holds_and_metrics_show_what_is_held_and_how_it_ended() {
         "{text}"
     );
     assert!(text.contains("taskgate_holds_open 0"), "{text}");
-}
-
-#[tokio::test]
-async fn max_hold_releases_marked_still_running() {
-    let stack = stack(|c| c.gate.max_hold = HumanDuration(Duration::from_millis(300))).await;
-    let (_, session) = call("POST", &format!("{}/session", stack.proxy), Some(json!({}))).await;
-    let id = session["id"].as_str().unwrap();
-    let prompt = json!({"parts": [{"type": "text", "text": "SCENARIO:bg-child"}]});
-    let (headers, reply) = call(
-        "POST",
-        &format!("{}/session/{id}/message", stack.proxy),
-        Some(prompt),
-    )
-    .await;
-    assert_eq!(headers["x-taskgate-verdict"], "running", "{reply}");
-    let status = get(&format!("{}/session/status", stack.sim)).await;
-    assert!(
-        !status.as_object().unwrap().is_empty(),
-        "the child really was still busy"
-    );
 }
 
 #[tokio::test]

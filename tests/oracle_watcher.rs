@@ -290,3 +290,106 @@ async fn the_verdict_stream_yields_each_change_once() {
         }
     );
 }
+
+fn rest_config(upstream: &str, rest: &str) -> Config {
+    Config::from_toml_str(
+        "test",
+        &format!(
+            "[proxy]\nupstream = \"{upstream}\"\n[oracle]\npoll_interval = \"20ms\"\nrequest_timeout = \"5s\"\n[gate]\nsettle_window = \"20ms\"\nrest_bound = \"{rest}\"\n"
+        ),
+    )
+    .unwrap()
+}
+
+fn message(session: &str, n: i64, role: &str, parts: serde_json::Value) -> serde_json::Value {
+    let mut info = json!({"id": format!("msg_{n:03}"), "sessionID": session, "role": role,
+        "time": {"created": n}});
+    if role == "assistant" {
+        info["time"]["completed"] = json!(n);
+        info["finish"] = json!("stop");
+    }
+    json!({"info": info, "parts": parts})
+}
+
+/// An oh-my-opencode tree whose parent is never woken (the plugin's `background-notification`
+/// hook off): the child is done, the parent's last turn came before it, and nothing will come
+/// after it. Every session is idle, every turn ended; only the launch is unanswered.
+fn omo_never_woken() -> Data {
+    let launch = json!([{"type": "tool", "tool": "task", "callID": "c1", "state": {
+        "status": "completed", "input": {}, "metadata": {},
+        "output": format!("Background task launched.\n\n<task_metadata>\nsession_id: {CHILD}\nbackground_task_id: bg_0123abcd\n</task_metadata>"),
+    }}]);
+    let mut data = Data::all_done();
+    data.statuses = json!({});
+    data.messages.insert(
+        PARENT.to_owned(),
+        vec![
+            message(PARENT, 1, "user", json!([{"type": "text", "text": "go"}])),
+            {
+                let mut m = message(PARENT, 2, "assistant", launch);
+                m["info"]["finish"] = json!("tool-calls");
+                m
+            },
+            message(
+                PARENT,
+                3,
+                "assistant",
+                json!([{"type": "text", "text": "launched"}]),
+            ),
+        ],
+    );
+    data.messages.insert(
+        CHILD.to_owned(),
+        vec![
+            message(CHILD, 4, "user", json!([{"type": "text", "text": "work"}])),
+            message(
+                CHILD,
+                5,
+                "assistant",
+                json!([{"type": "text", "text": "child done"}]),
+            ),
+        ],
+    );
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omo_without_wakes_is_released_once_the_tree_rests() {
+    let up = Upstream::start(omo_never_woken(), None).await;
+    let oracle = Oracle::new(&rest_config(&up.url, "300ms"));
+    let first = oracle.decide(&root()).await;
+    match &first.verdict {
+        Verdict::Running { reason, .. } => assert!(reason.contains("not yet answered"), "{reason}"),
+        v => panic!("{v:?}"),
+    }
+    let d = oracle
+        .wait_terminal(&root(), Some(Instant::now() + PATIENCE))
+        .await
+        .expect("a tree at rest is released within the liveness bound");
+    assert_eq!(
+        d.verdict,
+        Verdict::Completed {
+            text: Some("launched".into())
+        }
+    );
+    assert_eq!(
+        d.unanswered,
+        vec![CHILD.to_owned()],
+        "says what was not matched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_runtime_ends_the_wait_with_an_error_after_the_rest_bound() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let oracle = Oracle::new(&rest_config(&url, "200ms"));
+    match oracle
+        .wait_terminal(&root(), Some(Instant::now() + PATIENCE))
+        .await
+    {
+        Err(OracleError::Unverifiable(d)) => assert_eq!(d.verdict.name(), "unknown"),
+        other => panic!("an unreachable runtime must end the wait as unverifiable: {other:?}"),
+    }
+}

@@ -22,12 +22,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::claims::{self, Claim};
 use super::holds::{HoldGuard, HoldKind};
-use super::json::learn_launches;
-use super::{annotate_part, Gate};
+use super::Gate;
+use crate::claims::{self, render, Claim, Links};
 use crate::opencode::sse::{self, Chunk, Framer};
-use crate::opencode::Event;
+use crate::opencode::{Event, ToolPart};
 use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
 
 type Frame = Result<Bytes, axum::Error>;
@@ -104,7 +103,7 @@ struct Relay {
     done_tx: mpsc::UnboundedSender<(String, Result<Decision, OracleError>)>,
     done_rx: mpsc::UnboundedReceiver<(String, Result<Decision, OracleError>)>,
     /// `bg_…` → `ses_…` learned from launch results seen on this stream.
-    launches: HashMap<String, String>,
+    links: Links,
 }
 
 /// The client is gone (or shutdown): stop relaying.
@@ -124,7 +123,7 @@ impl Relay {
             waits: HashMap::new(),
             done_tx,
             done_rx,
-            launches: HashMap::new(),
+            links: Links::default(),
         }
     }
 
@@ -267,19 +266,21 @@ impl Relay {
         let Some(part) = event.properties.get("part") else {
             return Action::Pass;
         };
-        learn_launches(part, &mut self.launches);
-        let claim = match part.get("type").and_then(Value::as_str) {
-            Some("tool") => claims::tool_part(&self.gate.inner.tools, part),
-            Some("text") => part
+        let claim = match ToolPart::from_part(part) {
+            Some(tool) => {
+                self.links.learn_part(&tool);
+                claims::tool_part(&self.gate.inner.tools, &tool)
+            }
+            None if part.get("type").and_then(Value::as_str) == Some("text") => part
                 .get("text")
                 .and_then(Value::as_str)
                 .and_then(claims::message_text),
-            _ => None,
+            None => None,
         };
         let Some(claim) = claim else {
             return Action::Pass;
         };
-        let children = self.gate.children_of(&claim, &self.launches);
+        let children = self.gate.children_of(&claim, &self.links);
         if children.is_empty() {
             tracing::warn!(
                 source = claim.source.name(),
@@ -382,7 +383,7 @@ impl Relay {
                 *decision
             }
             Err(OracleError::Unverifiable(decision)) => {
-                tracing::warn!(session = %target, reason = %super::holds::reason(&decision.verdict), "cannot read the runtime: releasing held events as errors");
+                tracing::warn!(session = %target, reason = %render::reason(&decision.verdict), "cannot read the runtime: releasing held events as errors");
                 *decision
             }
             // Shutting down: the stream ends, and held frames are dropped with it.
@@ -441,7 +442,7 @@ impl Relay {
         let event = Event::parse(parsed.data.as_bytes())?;
         let message = format!(
             "taskgate: session {session}'s tree was not seen to end: {}",
-            super::holds::reason(verdict)
+            render::reason(verdict)
         );
         let error = Event::session_error(&event, session, "TaskgateHoldError", &message);
         Some(Bytes::from(format!(
@@ -464,16 +465,11 @@ impl Relay {
         let Ok(mut value) = serde_json::from_str::<Value>(&parsed.data) else {
             return frame.clone();
         };
-        let pointer = if self.global {
-            "/payload/properties/part"
-        } else {
-            "/properties/part"
-        };
-        let Some(part) = value.pointer_mut(pointer) else {
+        let Some(part) = Event::part_in(&mut value) else {
             return frame.clone();
         };
         let inner = &self.gate.inner;
-        if annotate_part(
+        if render::annotate_part(
             part,
             claim,
             verdict,

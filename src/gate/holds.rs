@@ -126,7 +126,7 @@ impl HoldGuard {
     pub fn update(&self, verdict: &Verdict) {
         if let Some(row) = self.holds.lock().rows.get_mut(&self.id) {
             row.verdict = verdict.name();
-            row.reason = reason(verdict);
+            row.reason = crate::claims::render::reason(verdict);
         }
     }
 
@@ -164,18 +164,6 @@ impl Drop for HoldGuard {
     fn drop(&mut self) {
         self.holds.lock().rows.remove(&self.id);
         self.holds.metrics.holds_open.dec();
-    }
-}
-
-/// A one-line human reason for a verdict.
-pub fn reason(verdict: &Verdict) -> String {
-    match verdict {
-        Verdict::Running { reason, .. } => reason.clone(),
-        Verdict::Completed { .. } => "the whole tree is terminal".to_owned(),
-        Verdict::Failed { session, message } => format!("{session} failed: {message}"),
-        Verdict::Aborted { session, message } => format!("{session} was aborted: {message}"),
-        Verdict::Gone { session } => format!("the runtime no longer knows {session}"),
-        Verdict::Unknown { reason } => format!("runtime not readable: {reason}"),
     }
 }
 

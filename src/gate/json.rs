@@ -7,16 +7,16 @@
 use std::collections::HashMap;
 
 use axum::body::Body;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::claims::{self, ChildLink};
-use super::holds::{self, HoldGuard, HoldKind};
+use super::holds::{HoldGuard, HoldKind};
 use super::Gate;
+use crate::claims::{self, render, Links};
+use crate::opencode::ToolPart;
 use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
 
 /// `POST /session/:id/message`: the runtime answers when the session's agent loop ends, which
@@ -125,7 +125,7 @@ async fn release_prompt(
             guard.release(&decision.verdict);
             return Err(HoldError::StillRunning {
                 session: session.id,
-                reason: holds::reason(&decision.verdict),
+                reason: render::reason(&decision.verdict),
             });
         }
         Err(OracleError::Cancelled) => {
@@ -135,11 +135,11 @@ async fn release_prompt(
             });
         }
         Err(OracleError::Unverifiable(decision)) => {
-            tracing::warn!(session = %session.id, reason = %holds::reason(&decision.verdict), "cannot read the runtime: answering the held prompt with an error");
+            tracing::warn!(session = %session.id, reason = %render::reason(&decision.verdict), "cannot read the runtime: answering the held prompt with an error");
             guard.release(&decision.verdict);
             return Err(HoldError::Unverifiable {
                 session: session.id,
-                reason: holds::reason(&decision.verdict),
+                reason: render::reason(&decision.verdict),
             });
         }
     };
@@ -314,7 +314,7 @@ pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>)
         }
     };
     // Launch results earlier in the history link `bg_…` ids to sessions.
-    let mut launches: HashMap<String, String> = HashMap::new();
+    let mut links = Links::default();
     let mut verdicts: HashMap<String, Decision> = HashMap::new();
     let mut changed = false;
     for message in messages {
@@ -327,11 +327,14 @@ pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>)
             continue;
         };
         for part in list {
-            learn_launches(part, &mut launches);
-            let Some(claim) = claims::tool_part(&inner.tools, part) else {
+            let Some(tool) = ToolPart::from_part(part) else {
                 continue;
             };
-            let children = gate.children_of(&claim, &launches);
+            links.learn_part(&tool);
+            let Some(claim) = claims::tool_part(&inner.tools, &tool) else {
+                continue;
+            };
+            let children = gate.children_of(&claim, &links);
             let mut running: Option<(String, Decision)> = None;
             let mut ended_badly: Option<(String, Decision)> = None;
             for child in children {
@@ -358,12 +361,12 @@ pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>)
                 }
             }
             if let Some((child, decision)) = running {
-                relabel_running(part, &child, &decision.verdict);
+                render::relabel_running(part, &child, &decision.verdict);
                 changed = true;
             } else if let Some((child, decision)) = ended_badly {
                 // The event stream rewrites the same claim when it releases it; history says
                 // the same thing.
-                if super::annotate_part(
+                if render::annotate_part(
                     part,
                     &claim,
                     &decision.verdict,
@@ -380,67 +383,6 @@ pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>)
         return Response::from_parts(parts, Body::from(original));
     }
     replace_body(&mut parts, value)
-}
-
-/// Turns a completed/error tool part back into `running`, keeping what it said.
-fn relabel_running(part: &mut Value, child: &str, verdict: &Verdict) {
-    let Some(state) = part.get_mut("state") else {
-        return;
-    };
-    let original = state.clone();
-    let mut metadata = original
-        .get("metadata")
-        .cloned()
-        .filter(Value::is_object)
-        .unwrap_or_else(|| serde_json::json!({}));
-    metadata["taskgate"] = serde_json::json!({
-        "verdict": verdict.name(),
-        "reason": super::holds::reason(verdict),
-        "child": child,
-        "original": original,
-    });
-    let mut running = serde_json::json!({
-        "status": "running",
-        "input": original.get("input").cloned().unwrap_or_else(|| serde_json::json!({})),
-        "metadata": metadata,
-        "time": {"start": original.pointer("/time/start").cloned().unwrap_or(Value::Null)},
-    });
-    if let Some(title) = original.get("title") {
-        running["title"] = title.clone();
-    }
-    *state = running;
-}
-
-/// Records `bg_…` → `ses_…` links announced by a tool part (a launch result).
-pub(super) fn learn_launches(part: &Value, launches: &mut HashMap<String, String>) {
-    if part.get("type").and_then(Value::as_str) != Some("tool") {
-        return;
-    }
-    let output = part
-        .pointer("/state/output")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    for (bg, ses) in claims::launches(output, part.pointer("/state/metadata")) {
-        launches.insert(bg, ses);
-    }
-}
-
-/// Session ids of a claim's children; `bg_…` ids resolve through `launches`, and an id that
-/// cannot be resolved is left out (the caller decides what an unlinked claim means).
-pub(crate) fn resolve(children: &[ChildLink], launches: &HashMap<String, String>) -> Vec<String> {
-    let mut out = Vec::new();
-    for child in children {
-        let id = match child {
-            ChildLink::Session(id) => Some(id.clone()),
-            ChildLink::Background(bg) => launches.get(bg).cloned(),
-        };
-        if let Some(id) = id {
-            if !out.contains(&id) {
-                out.push(id);
-            }
-        }
-    }
-    out
 }
 
 /// Sets `x-taskgate-verdict` and `x-taskgate-held-ms` on a released reply.
@@ -468,88 +410,11 @@ async fn read_whole(
     response: Response<Body>,
 ) -> Result<(http::response::Parts, Bytes), Response<Body>> {
     let (parts, body) = response.into_parts();
-    match read_limited(body, gate.inner.inspect_limit).await {
+    match crate::proxy::body::read_limited(body, gate.inner.inspect_limit).await {
         Ok(bytes) => Ok((parts, bytes)),
         Err(passthrough) => {
             gate.count_uninspected("too_large");
             Err(Response::from_parts(parts, passthrough))
         }
-    }
-}
-
-/// Reads `body` whole if it is at most `limit` bytes. Otherwise returns a body that replays
-/// what was read followed by the rest, so a too-large response still reaches the client intact.
-pub(crate) async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, Body> {
-    let mut buf = BytesMut::new();
-    loop {
-        match body.frame().await {
-            None => return Ok(buf.freeze()),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    buf.extend_from_slice(&data);
-                    if buf.len() > limit {
-                        let prefix =
-                            futures_util::stream::once(std::future::ready(Ok::<_, axum::Error>(
-                                buf.freeze(),
-                            )));
-                        let rest = body.into_data_stream();
-                        return Err(Body::from_stream(futures_util::StreamExt::chain(
-                            prefix, rest,
-                        )));
-                    }
-                }
-            }
-            Some(Err(e)) => {
-                let prefix = Ok::<_, axum::Error>(buf.freeze());
-                return Err(Body::from_stream(futures_util::stream::iter([
-                    prefix,
-                    Err(e),
-                ])));
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn relabel_keeps_the_original_and_says_why() {
-        let mut part = json!({"type":"tool","tool":"background_output","state":{"status":"completed",
-            "input":{"task_id":"bg_1"},"output":"Task Result\n\nSession ID: ses_child\n","title":"t",
-            "metadata":{"k":1},"time":{"start":5,"end":6}}});
-        let verdict = Verdict::Running {
-            session: "ses_grandchild".into(),
-            reason: "ses_grandchild is busy".into(),
-        };
-        relabel_running(&mut part, "ses_child", &verdict);
-        let state = &part["state"];
-        assert_eq!(state["status"], "running");
-        assert_eq!(state["time"]["start"], 5);
-        assert_eq!(state["metadata"]["k"], 1);
-        assert_eq!(
-            state["metadata"]["taskgate"]["original"]["status"],
-            "completed"
-        );
-        assert_eq!(
-            state["metadata"]["taskgate"]["reason"],
-            "ses_grandchild is busy"
-        );
-        assert!(state.get("output").is_none());
-    }
-
-    #[tokio::test]
-    async fn an_oversized_body_passes_through_whole() {
-        let data = vec![b'x'; 100];
-        let body = Body::from(data.clone());
-        let Err(passthrough) = read_limited(body, 10).await else {
-            panic!("expected passthrough");
-        };
-        let got = passthrough.collect().await.unwrap().to_bytes();
-        assert_eq!(&got[..], &data[..]);
-        let small = read_limited(Body::from("{}"), 10).await.unwrap();
-        assert_eq!(&small[..], b"{}");
     }
 }

@@ -12,7 +12,6 @@
 //! - `GET /session/status`: [`json::status`] lists not-yet-terminal trees as busy.
 //! - `GET /session/:id/message[/:mid]`: [`json::history`] relabels premature claim parts.
 
-pub mod claims;
 mod events;
 pub mod holds;
 pub(crate) mod json;
@@ -30,7 +29,7 @@ use crate::config::{Config, GateConfig};
 use crate::metrics::{KindLabel, Metrics};
 use crate::oracle::{Oracle, SessionRef};
 
-use claims::ClaimTools;
+use crate::claims::{Claim, ClaimTools, Links};
 use holds::Holds;
 
 /// A response the gate wants to see, decided from the request alone.
@@ -198,22 +197,9 @@ impl Gate {
 
     /// Session ids of a claim's children: `bg_…` ids through the launches seen with the claim
     /// (same stream or same history), else through every launch the oracle's watcher saw.
-    fn children_of(
-        &self,
-        claim: &claims::Claim,
-        launches: &std::collections::HashMap<String, String>,
-    ) -> Vec<String> {
-        let mut known = launches.clone();
-        for child in &claim.children {
-            if let claims::ChildLink::Background(bg) = child {
-                if !known.contains_key(bg) {
-                    if let Some(session) = self.inner.oracle.watch_state().background_session(bg) {
-                        known.insert(bg.clone(), session);
-                    }
-                }
-            }
-        }
-        json::resolve(&claim.children, &known)
+    fn children_of(&self, claim: &Claim, links: &Links) -> Vec<String> {
+        let watched = self.inner.oracle.watch_state();
+        links.resolve(&claim.children, |bg| watched.background_session(bg))
     }
 
     fn count_uninspected(&self, kind: &'static str) {
@@ -223,69 +209,6 @@ impl Gate {
             .get_or_create(&KindLabel { kind })
             .inc();
     }
-}
-
-/// Marks a released claim part with `metadata.taskgate = {verdict, held_ms, child, reason}`.
-/// When the verdict contradicts the claim (it said completed; the child failed or was aborted)
-/// and `rewrite` is on, a tool part becomes an `error` naming the child and what happened, the
-/// original state kept under `metadata.taskgate.original`. Returns whether it was a
-/// contradiction.
-pub(crate) fn annotate_part(
-    part: &mut serde_json::Value,
-    claim: &claims::Claim,
-    verdict: &crate::oracle::Verdict,
-    held_ms: u64,
-    child: &str,
-    rewrite: bool,
-) -> bool {
-    use crate::oracle::Verdict;
-    use serde_json::{json, Value};
-    let claimed_done = claim.claimed == claims::Claimed::Completed;
-    let contradiction = claimed_done
-        && matches!(
-            verdict,
-            Verdict::Failed { .. } | Verdict::Aborted { .. } | Verdict::Gone { .. }
-        );
-    // Released without the child's tree seen to complete (max_hold, runtime unreadable): the
-    // claim is not passed on as a success either.
-    let unconfirmed = claimed_done && !matches!(verdict, Verdict::Completed { .. });
-    let mut taskgate = json!({
-        "verdict": verdict.name(),
-        "reason": holds::reason(verdict),
-        "held_ms": held_ms,
-        "child": child,
-    });
-    let is_tool = part.get("type").and_then(Value::as_str) == Some("tool");
-    if is_tool {
-        let Some(state) = part.get_mut("state").filter(|s| s.is_object()) else {
-            return contradiction;
-        };
-        if unconfirmed && rewrite {
-            taskgate["original"] = state.clone();
-            let error = match verdict {
-                Verdict::Running { reason, .. } => {
-                    format!("taskgate: child {child} is still running: {reason}")
-                }
-                other => format!("taskgate: child {}", holds::reason(other)),
-            };
-            state["status"] = json!("error");
-            state["error"] = json!(error);
-            if let Some(obj) = state.as_object_mut() {
-                obj.remove("output");
-            }
-        }
-        if !state.get("metadata").is_some_and(Value::is_object) {
-            state["metadata"] = json!({});
-        }
-        state["metadata"]["taskgate"] = taskgate;
-    } else if let Some(obj) = part.as_object_mut() {
-        let metadata = obj.entry("metadata").or_insert_with(|| json!({}));
-        if !metadata.is_object() {
-            *metadata = json!({});
-        }
-        metadata["taskgate"] = taskgate;
-    }
-    contradiction
 }
 
 /// The directory a request is scoped to: `?directory=` first, then the `x-opencode-directory`

@@ -5,7 +5,6 @@
 //! knows claim formats); linking `bg_…` ids goes through [`claims::launches`] on the
 //! conversation's tool results.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant as StdInstant};
 
 use futures_util::future::join_all;
@@ -14,8 +13,7 @@ use tokio::time::Instant;
 
 use super::format::{self, Format, Slot, TextSlot};
 use super::truth::{Finding, Truth};
-use crate::gate::claims::{self, ChildLink, Claim, ClaimTools, Claimed};
-use crate::gate::json::resolve;
+use crate::claims::{self, Claim, ClaimTools, Claimed, Links};
 use crate::oracle::{SessionRef, Verdict};
 
 /// Where a claim was found, and so how it is corrected.
@@ -56,26 +54,17 @@ pub(super) async fn correct(
     if claimed.is_empty() {
         return None;
     }
-    // Oldest first, so a retried launch that gave a `bg_` id a new session wins.
-    let mut launches = HashMap::new();
-    // Launches the runtime's own tool parts showed, for ids the conversation does not explain
-    // (a trimmed or compacted history); the conversation's own launches override them.
-    for (_, _, claim) in &claimed {
-        for child in &claim.children {
-            if let ChildLink::Background(bg) = child {
-                if let Some(session) = truth.background_session(bg) {
-                    launches.insert(bg.clone(), session);
-                }
-            }
-        }
-    }
+    // Oldest first, so a retried launch that gave a `bg_` id a new session wins. Launches the
+    // runtime's own tool parts showed (the watcher's) explain ids the conversation does not (a
+    // trimmed or compacted history); the conversation's own launches come first.
+    let mut links = Links::default();
     for text in format::all_result_texts(format, &value) {
-        launches.extend(claims::launches(&text, None));
+        links.learn_result(&text);
     }
     let started = StdInstant::now();
     let deadline = Instant::now() + max_hold;
     let checks = claimed.iter().map(|(who, _, claim)| {
-        let children = resolve(&claim.children, &launches);
+        let children = links.resolve(&claim.children, |bg| truth.background_session(bg));
         async move {
             if children.is_empty() {
                 tracing::warn!(%who, "claim names no child taskgate can link; passed unchecked");
@@ -200,8 +189,9 @@ fn paragraph(who: &str, said: &str, child: &str, f: &Finding) -> String {
              session {session}: {message}."
         ),
         Verdict::Gone { session } => format!(
-            "[taskgate] {who} reported this task as {said}, but taskgate could not confirm it: \
-             the runtime no longer knows session {session}. Treat the result as unverified."
+            "[taskgate] {who} reported this task as {said}, but taskgate could not confirm it \
+             (the runtime does not know this session, {session}). Treat the result as \
+             unverified."
         ),
         Verdict::Unknown { reason } => format!(
             "[taskgate] {who} reported this task as {said}, but taskgate could not confirm it \

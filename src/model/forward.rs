@@ -19,7 +19,7 @@ use http::{Method, Response, StatusCode, Uri};
 
 use super::format::Format;
 use super::{check, ModelFace, Route, PREFIXES};
-use crate::gate::json::read_limited;
+use crate::proxy::body::read_limited;
 use crate::proxy::error::{json_response, ProxyError};
 use crate::proxy::headers;
 

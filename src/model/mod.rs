@@ -34,8 +34,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::claims::ClaimTools;
 use crate::config::Config;
-use crate::gate::claims::ClaimTools;
 use crate::oracle::Oracle;
 
 pub use truth::{Finding, Truth};

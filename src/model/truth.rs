@@ -69,6 +69,16 @@ impl Truth for Oracle {
                     };
                 }
             };
+            if let Verdict::Gone { .. } = first.verdict {
+                // Nothing to wait for, and nothing confirmed: the claim is marked unverified.
+                return Finding {
+                    verdict: first.verdict,
+                    premature: true,
+                    timed_out: false,
+                    started_ago: None,
+                    last_activity_ago: None,
+                };
+            }
             if first.verdict.is_terminal() && !first.background {
                 // Terminal, and no background work that could still wake it: no settle needed.
                 return Finding {

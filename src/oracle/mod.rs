@@ -210,14 +210,6 @@ impl Oracle {
             return;
         }
         let inner = self.inner.clone();
-        // Refused credentials are a configuration error: say so at start-up, not in the first
-        // hold that cannot end.
-        let client = inner.client.clone();
-        tokio::spawn(async move {
-            if let Err(e @ ClientError::Unauthorized { .. }) = client.statuses(None).await {
-                tracing::error!(error = %e, "taskgate cannot read the runtime; until a client's accepted credentials are seen, held claims are answered with errors");
-            }
-        });
         tokio::spawn(watcher::run(
             inner.client.clone(),
             inner.state.clone(),

@@ -48,12 +48,20 @@ pub async fn wait_command(args: WaitArgs) -> ExitCode {
         id: args.session.clone(),
         directory: args.directory.clone(),
     };
-    // Anything but these two (a transient failure) is waited out like any unknown verdict.
-    if let Err(e @ (ClientError::NotFound { .. } | ClientError::Unauthorized { .. })) =
-        oracle.decide_checked(&session).await
-    {
-        eprintln!("taskgate: {e}");
-        return ExitCode::from(EXIT_UPSTREAM);
+    // Anything but these (a transient failure) is waited out like any unknown verdict.
+    match oracle.decide_checked(&session).await {
+        Err(e @ (ClientError::NotFound { .. } | ClientError::Unauthorized { .. })) => {
+            eprintln!("taskgate: {e}");
+            return ExitCode::from(EXIT_UPSTREAM);
+        }
+        Ok(Decision {
+            verdict: Verdict::Gone { session },
+            ..
+        }) => {
+            eprintln!("taskgate: session {session}: not found (404)");
+            return ExitCode::from(EXIT_UPSTREAM);
+        }
+        _ => {}
     }
     let shutdown = crate::cli::shutdown_on_signal();
     oracle.start(shutdown.clone());

@@ -7,7 +7,7 @@
 //! them, so a claim is released within one read of the runtime's own idle, not a poll later.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -17,11 +17,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::opencode::sse::SseDecoder;
-use crate::opencode::{
-    task_tags, Event, LaunchStyle, MessageInfo, Part, Role, SessionStatus, StatusMap,
-};
+use crate::opencode::{Event, Part, StatusMap};
 
 use super::client::RuntimeClient;
+use crate::claims::Links;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -29,22 +28,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// What the watcher knows of one session.
 #[derive(Debug, Clone, Default)]
 pub struct SessionState {
-    /// The last status an event or a read showed.
-    pub status: Option<SessionStatus>,
-    /// Seen busy (or retrying) at least once.
+    /// Seen busy (or retrying) at least once: absent from the status map and silent means
+    /// "not started", not "done" (terminal rule, clause 1).
     pub busy_ever: bool,
+    /// `parentID`, which never changes: the status surface walks up from busy sessions.
     pub parent: Option<String>,
-    pub last_event: Option<Instant>,
-    /// The last assistant message's info as last updated (finish, error, completed time).
-    pub last_assistant: Option<MessageInfo>,
-    /// Children seen so far: task parts' `metadata.sessionId` and sessions created with this
-    /// one as `parentID`.
+    /// Children seen so far: task parts' `metadata.sessionId`, background launches, and
+    /// sessions created with this one as `parentID`. A tree read starts from them, so a
+    /// plain prompt's tree costs one round trip.
     pub children: BTreeSet<String>,
-    /// Children launched in the background (see [`crate::opencode::ToolPart::background_launch`]).
-    pub launches: BTreeSet<String>,
-    /// Children whose result was injected (`<task id=… state="completed|error">` in a user
-    /// message's text).
-    pub results: BTreeSet<String>,
     /// The global sequence number of the last verdict-relevant change.
     seq: u64,
 }
@@ -61,7 +53,7 @@ pub struct WatchState {
     sessions: Mutex<HashMap<String, SessionState>>,
     /// oh-my-opencode `bg_…` ids → the child session each launch started, from the runtime's
     /// own tool parts (the latest launch wins: a retry can give a `bg_` id a new session).
-    background: Mutex<HashMap<String, String>>,
+    background: Mutex<Links>,
     /// Prompts accepted through taskgate that the runtime has not been seen starting: session
     /// → when taskgate received the request (for the expiry, and Unix ms to compare with the
     /// runtime's message times).
@@ -69,7 +61,6 @@ pub struct WatchState {
     seq: AtomicU64,
     /// Sequence number of the last reconnect: everything read before it may have missed events.
     reset_at: AtomicU64,
-    connected: AtomicBool,
     changed: watch::Sender<u64>,
 }
 
@@ -77,11 +68,10 @@ impl Default for WatchState {
     fn default() -> Self {
         WatchState {
             sessions: Mutex::new(HashMap::new()),
-            background: Mutex::new(HashMap::new()),
+            background: Mutex::new(Links::default()),
             accepted: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             reset_at: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
             changed: watch::channel(0).0,
         }
     }
@@ -103,11 +93,6 @@ impl WatchState {
         self.changed.subscribe()
     }
 
-    /// Whether the event stream is open now.
-    pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::SeqCst)
-    }
-
     /// A verdict-relevant event for one of `ids` (or a reconnect) happened after `seq`.
     pub fn changed_since(&self, ids: &[String], seq: u64) -> bool {
         if self.reset_at.load(Ordering::SeqCst) > seq {
@@ -127,8 +112,8 @@ impl WatchState {
         self.background
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(task_id)
-            .cloned()
+            .session(task_id)
+            .map(str::to_owned)
     }
 
     /// A prompt for `session` was accepted by the runtime (`prompt_async` answered 2xx) for a
@@ -208,51 +193,24 @@ impl WatchState {
         {
             let mut sessions = self.sessions();
             let s = sessions.entry(id.to_owned()).or_default();
-            s.last_event = Some(Instant::now());
             if let Some(status) = event.status() {
                 if !status.is_idle() {
                     // The runtime started whatever prompt was accepted for this session.
                     self.accepted().remove(id);
                 }
                 s.busy_ever |= !status.is_idle();
-                s.status = Some(status);
-            } else if event.is_idle() {
-                s.status = Some(SessionStatus::Idle);
             }
-            if let Some(info) = event.message_info().filter(|i| i.role == Role::Assistant) {
-                s.last_assistant = Some(info);
-            }
-            match event.part() {
-                Some(Part::Tool(tool)) => {
-                    if let Some(child) = tool.child_session_id() {
-                        s.children.insert(child.to_owned());
-                    }
-                    if let Some(launch) = tool.background_launch() {
-                        let task_id = match &launch.style {
-                            LaunchStyle::OhMyOpencode { task_id } => task_id.clone(),
-                            LaunchStyle::Native => None,
-                        }
-                        .or_else(|| tool.background_task_id().map(str::to_owned));
-                        if let Some(task_id) = task_id {
-                            self.background
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(task_id, launch.child.clone());
-                        }
-                        s.children.insert(launch.child.clone());
-                        s.launches.insert(launch.child);
-                    }
+            if let Some(Part::Tool(tool)) = event.part() {
+                if let Some(child) = tool.child_session_id() {
+                    s.children.insert(child.to_owned());
                 }
-                // Text parts stream many updates; only a completed tag matters, and it is
-                // whole in the part's full text on every update.
-                Some(Part::Text(text)) => {
-                    for tag in task_tags(&text.text) {
-                        if matches!(tag.state.as_str(), "completed" | "error") {
-                            s.results.insert(tag.id);
-                        }
-                    }
+                self.background
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .learn_part(&tool);
+                if let Some(launch) = tool.background_launch() {
+                    s.children.insert(launch.child);
                 }
-                _ => {}
             }
             let created_under = event.session_info().and_then(|i| i.parent_id);
             if let Some(parent) = &created_under {
@@ -283,7 +241,6 @@ impl WatchState {
         for (id, status) in map {
             let s = sessions.entry(id.clone()).or_default();
             s.busy_ever |= !status.is_idle();
-            s.status = Some(status.clone());
         }
     }
 
@@ -302,6 +259,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
+    // Refused credentials are a configuration error: said once, as an error, at start-up.
+    let mut told_refused = false;
     loop {
         let connect = tokio::select! {
             r = client.global_events() => r,
@@ -310,7 +269,6 @@ pub async fn run(
         match connect {
             Ok(response) => {
                 backoff = BACKOFF_MIN;
-                state.connected.store(true, Ordering::SeqCst);
                 tracing::debug!(upstream = client.base(), "oracle: event stream open");
                 match client.statuses(None).await {
                     Ok(map) => state.record_statuses(&map),
@@ -345,8 +303,12 @@ pub async fn run(
                         }
                     }
                 }
-                state.connected.store(false, Ordering::SeqCst);
                 state.reset();
+            }
+            Err(e @ super::client::ClientError::Unauthorized { .. }) => {
+                if !std::mem::replace(&mut told_refused, true) {
+                    tracing::error!("taskgate cannot read the runtime: {e}; until a client's accepted credentials are seen, held claims are answered with errors");
+                }
             }
             Err(e) => tracing::warn!("oracle: cannot open the event stream: {e}"),
         }
@@ -401,15 +363,7 @@ mod tests {
         let child = state.session(CHILD).unwrap();
         assert_eq!(child.parent.as_deref(), Some(PARENT));
         assert!(child.busy_ever && parent.busy_ever);
-        assert_eq!(child.status, Some(SessionStatus::Idle));
         assert!(parent.children.contains(CHILD));
-        assert!(parent.launches.contains(CHILD));
-        assert!(
-            parent.results.contains(CHILD),
-            "the injected result was seen"
-        );
-        let last = parent.last_assistant.unwrap();
-        assert_eq!(last.finish.as_deref(), Some("stop"));
         assert!(state.changed_since(&[CHILD.to_owned()], 0));
         assert!(!state.changed_since(&[CHILD.to_owned()], state.seq()));
     }

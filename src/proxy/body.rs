@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use axum::body::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -113,5 +114,56 @@ impl http_body::Body for Relay {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Reads `body` whole if it is at most `limit` bytes. Otherwise returns a body that replays
+/// what was read followed by the rest, so a too-large response still reaches the client intact.
+pub async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, Body> {
+    let mut buf = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(buf.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                    if buf.len() > limit {
+                        let prefix =
+                            futures_util::stream::once(std::future::ready(Ok::<_, axum::Error>(
+                                buf.freeze(),
+                            )));
+                        let rest = body.into_data_stream();
+                        return Err(Body::from_stream(futures_util::StreamExt::chain(
+                            prefix, rest,
+                        )));
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                let prefix = Ok::<_, axum::Error>(buf.freeze());
+                return Err(Body::from_stream(futures_util::stream::iter([
+                    prefix,
+                    Err(e),
+                ])));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_oversized_body_passes_through_whole() {
+        let data = vec![b'x'; 100];
+        let body = Body::from(data.clone());
+        let Err(passthrough) = read_limited(body, 10).await else {
+            panic!("expected passthrough");
+        };
+        let got = passthrough.collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], &data[..]);
+        let small = read_limited(Body::from("{}"), 10).await.unwrap();
+        assert_eq!(&small[..], b"{}");
     }
 }

@@ -227,6 +227,11 @@ pub fn abort(sim: &Sim, id: &str) -> Result<(), NotFound> {
 /// A user prompt (`POST /session/:id/message` or `prompt_async`). A prompt with a scenario
 /// marker, or the first prompt of a session, starts a scenario; later plain prompts get the
 /// session's next scripted turn.
+/// Whether the runtime knows session `id`.
+pub fn exists(sim: &Arc<Sim>, id: &str) -> bool {
+    sim.lock().session(id).is_some()
+}
+
 pub fn prompt(
     sim: &Arc<Sim>,
     id: &str,

@@ -24,6 +24,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot};
@@ -35,11 +36,22 @@ use state::{Event, Sim, PROJECT_ID, VERSION};
 pub struct SimOptions {
     /// Multiplies every delay of a scenario.
     pub time_scale: f64,
+    /// How long after `prompt_async` is answered the prompt starts (not scaled). The real
+    /// runtime shows such a session idle for about a second, and for up to 15 s with
+    /// oh-my-opencode's hooks running first.
+    pub start_delay: Duration,
+    /// Like `OPENCODE_SERVER_PASSWORD`: every route wants HTTP Basic `opencode:<password>`
+    /// (or `?auth_token=base64(opencode:<password>)`) and answers 401 with an empty body.
+    pub password: Option<&'static str>,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { time_scale: 1.0 }
+        SimOptions {
+            time_scale: 1.0,
+            start_delay: Duration::ZERO,
+            password: None,
+        }
     }
 }
 
@@ -60,7 +72,16 @@ pub async fn run(
         scenario::MARKER,
         names.join(", ")
     );
-    let app = router(sim.clone());
+    let mut app = router(sim.clone());
+    if let Some(password) = options.password {
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("opencode:{password}"))
+        );
+        app = app.layer(axum::middleware::from_fn(move |req, next| {
+            authorize(expected.clone(), req, next)
+        }));
+    }
     let stop = shutdown.clone();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -68,6 +89,28 @@ pub async fn run(
     // Stop every session loop and event stream still running.
     sim.shutdown.cancel();
     served
+}
+
+/// The runtime's password check: Basic credentials or `?auth_token=`, else 401, empty body.
+async fn authorize(
+    expected: String,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header_ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes() == expected.as_bytes());
+    let token_ok = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .filter_map(|pair| pair.strip_prefix("auth_token="))
+            .any(|token| Some(token) == expected.strip_prefix("Basic "))
+    });
+    if header_ok || token_ok {
+        next.run(req).await
+    } else {
+        StatusCode::UNAUTHORIZED.into_response()
+    }
 }
 
 fn router(sim: Arc<Sim>) -> Router {
@@ -288,6 +331,19 @@ async fn prompt_async(
         Ok(b) => b,
         Err(e) => return bad_request(e),
     };
+    let delay = sim.options.start_delay;
+    if !delay.is_zero() {
+        // Accepted now, started later: what a real runtime does while plugin hooks run.
+        if !engine::exists(&sim, &id) {
+            return session_not_found(&id);
+        }
+        let text = prompt_text(&body);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = engine::prompt(&sim, &id, &text, None);
+        });
+        return StatusCode::NO_CONTENT.into_response();
+    }
     match engine::prompt(&sim, &id, &prompt_text(&body), None) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(_) => session_not_found(&id),

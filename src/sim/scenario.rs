@@ -97,9 +97,6 @@ pub enum PluginStep {
     Wake(&'static str),
 }
 
-/// The marker oh-my-opencode puts at the end of its own user messages.
-pub const OMO_INITIATOR: &str = "<!-- OMO_INTERNAL_INITIATOR -->";
-
 /// The scenario a prompt picks: the first `SCENARIO:<name>` marker naming a known scenario.
 pub fn pick(prompt: &str) -> Scenario {
     let all = all();

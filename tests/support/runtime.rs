@@ -284,35 +284,72 @@ pub fn omo_plugin_or_skip(test: &str) -> Option<PathBuf> {
 }
 
 fn install_omo() -> Result<PathBuf, String> {
+    install_pinned("tests/runtime-omo", "oh-my-opencode", OMO_VERSION)
+}
+
+/// The folder holding `node_modules` with the official SDK (`@opencode-ai/sdk`, pinned in
+/// `tests/sdk/`) and `undici`, installed at most once per test process; `None` (with a printed
+/// reason) when unavailable outside CI. Panics under `CI=true`.
+pub fn sdk_or_skip(test: &str) -> Option<PathBuf> {
+    static INSTALLED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let installed = INSTALLED.get_or_init(|| {
+        install_pinned("tests/sdk", "@opencode-ai/sdk", SDK_VERSION)
+            .map(|package| package.join("../../.."))
+    });
+    match installed {
+        Ok(dir) => Some(dir.clone()),
+        Err(reason) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: the OpenCode SDK is required in CI (CI=true): {reason}")
+        }
+        Err(reason) => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: @opencode-ai/sdk@{SDK_VERSION} unavailable: {reason}. \
+                 Install node + npm to run it."
+            );
+            None
+        }
+    }
+}
+
+/// The pinned SDK version (`tests/sdk/package.json`).
+pub const SDK_VERSION: &str = "1.18.33";
+
+/// Installs the npm packages pinned in `pinned` (a folder of the repository holding
+/// `package.json` and `package-lock.json`) into `<cache>/<name>-<version>`, unless already
+/// there; returns the folder of `package` inside its `node_modules`.
+fn install_pinned(pinned: &str, package: &str, version: &str) -> Result<PathBuf, String> {
     let root = cache_root();
-    let dir = root.join(format!("oh-my-opencode-{OMO_VERSION}"));
-    let package = |d: &Path| d.join("node_modules/oh-my-opencode");
+    let folder = format!(
+        "{}-{version}",
+        package.trim_start_matches('@').replace('/', "-")
+    );
+    let dir = root.join(&folder);
+    let package_dir = |d: &Path| d.join("node_modules").join(package);
     let installed = |d: &Path| {
-        std::fs::read_to_string(package(d).join("package.json"))
+        std::fs::read_to_string(package_dir(d).join("package.json"))
             .ok()
             .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-            .is_some_and(|v| v["version"] == OMO_VERSION)
+            .is_some_and(|v| v["version"] == version)
     };
     if installed(&dir) {
-        return Ok(package(&dir));
+        return Ok(package_dir(&dir));
     }
     npm_available()?;
-    let partial = root.join(format!(
-        "oh-my-opencode-{OMO_VERSION}.partial-{}",
-        std::process::id()
-    ));
+    let partial = root.join(format!("{folder}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
-    let pinned = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/runtime-omo");
+    let pinned = Path::new(env!("CARGO_MANIFEST_DIR")).join(pinned);
     for f in ["package.json", "package-lock.json"] {
         std::fs::copy(pinned.join(f), partial.join(f)).map_err(|e| format!("{f}: {e}"))?;
     }
-    npm_install(&partial, &dir, &format!("oh-my-opencode@{OMO_VERSION}"))?;
+    npm_install(&partial, &dir, &format!("{package}@{version}"))?;
     if installed(&dir) {
-        Ok(package(&dir))
+        Ok(package_dir(&dir))
     } else {
         Err(format!(
-            "oh-my-opencode@{OMO_VERSION} installed into {} but its package.json says otherwise",
+            "{package}@{version} installed into {} but its package.json says otherwise",
             dir.display()
         ))
     }

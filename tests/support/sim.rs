@@ -12,6 +12,7 @@ use hyper::{Method, Request};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+use taskgate::config::{Config, HumanDuration};
 use taskgate::sim::{run, SimOptions};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -32,10 +33,56 @@ pub async fn start(time_scale: f64) -> SimServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let token = CancellationToken::new();
-    tokio::spawn(run(listener, SimOptions { time_scale }, token.clone()));
+    tokio::spawn(run(
+        listener,
+        SimOptions {
+            time_scale,
+            ..SimOptions::default()
+        },
+        token.clone(),
+    ));
     SimServer {
         url: format!("http://{addr}"),
         token,
+    }
+}
+
+/// A simulated runtime and taskgate in front of it, both on free loopback ports, each with its
+/// own stop switch (a test may stop taskgate alone); both stop when dropped.
+pub struct Stack {
+    pub sim: String,
+    pub proxy: String,
+    pub sim_stop: CancellationToken,
+    pub proxy_stop: CancellationToken,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.proxy_stop.cancel();
+        self.sim_stop.cancel();
+    }
+}
+
+/// Starts the sim with `options` and taskgate in front of it: defaults, a 100 ms poll interval,
+/// then `tune`.
+pub async fn stack(options: SimOptions, tune: impl FnOnce(&mut Config)) -> Stack {
+    let sim_stop = CancellationToken::new();
+    let proxy_stop = CancellationToken::new();
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = format!("http://{}", sim_listener.local_addr().unwrap());
+    tokio::spawn(run(sim_listener, options, sim_stop.clone()));
+    let mut config = Config::defaults();
+    config.proxy.upstream = sim.clone();
+    config.oracle.poll_interval = HumanDuration(Duration::from_millis(100));
+    tune(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(taskgate::proxy::run(listener, config, proxy_stop.clone()));
+    Stack {
+        sim,
+        proxy,
+        sim_stop,
+        proxy_stop,
     }
 }
 

@@ -1,103 +1,10 @@
-//! Claim recognition: the one place that decides whether a tool result or a message text tells
-//! its reader "the child is done", and which child it speaks of.
-//!
-//! Both faces call it: the client face (tool parts in event streams and message history) and the
-//! model face (tool results in requests to the model provider). It is pure text and JSON work:
-//! no I/O, no HTTP, no knowledge of verdicts.
-//!
-//! The formats are those of `completion-claims.md` §1: OpenCode's own `task` / `task_status`
-//! outputs and injected `<task …>` results, oh-my-opencode's `background_output`, launch texts and
-//! wake messages, and Claude-style `TaskOutput`.
+//! Recognising claims: whether a tool result or a message text tells its reader "the child is
+//! done", and which child it speaks of. Pure text and JSON work: no I/O, no verdicts.
 
 use serde_json::Value;
 
-use crate::opencode::{self, TaskTag};
-
-/// What a claim says about its child.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Claimed {
-    Completed,
-    Error,
-    Cancelled,
-}
-
-/// How a claim names its child.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(tag = "by", content = "id", rename_all = "snake_case")]
-pub enum ChildLink {
-    /// A runtime session id (`ses_…`).
-    Session(String),
-    /// An oh-my-opencode background task id (`bg_…`), resolved through launches seen earlier.
-    Background(String),
-}
-
-/// Where the claim was found (for `/_taskgate/holds`, metrics and docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    /// OpenCode `task` part marked completed (a background launch, or a foreground child).
-    Task,
-    /// OpenCode `task_status` output `state: …`.
-    TaskStatus,
-    /// oh-my-opencode `background_output` ("Task Result" or a status table).
-    BackgroundOutput,
-    /// Claude-style `TaskOutput` (`<status>completed</status>`).
-    TaskOutput,
-    /// The runtime's injected `<task id=… state=…>` result message.
-    Injection,
-    /// oh-my-opencode parent wake (`[BACKGROUND TASK COMPLETED]`, …).
-    Wake,
-    /// oh-my-opencode forced-background `SUPERVISED TASK COMPLETED SUCCESSFULLY`.
-    Supervised,
-}
-
-impl Source {
-    pub fn name(self) -> &'static str {
-        match self {
-            Source::Task => "task",
-            Source::TaskStatus => "task_status",
-            Source::BackgroundOutput => "background_output",
-            Source::TaskOutput => "task_output",
-            Source::Injection => "injection",
-            Source::Wake => "wake",
-            Source::Supervised => "supervised",
-        }
-    }
-}
-
-/// A completion claim: what it says and about which children.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Claim {
-    pub source: Source,
-    pub claimed: Claimed,
-    /// Never empty: a claim that names no child cannot be checked and is not reported.
-    pub children: Vec<ChildLink>,
-}
-
-/// The configured claim tool names. A name also matches with an `mcp_` prefix, since tools may
-/// arrive through an MCP bridge under that name.
-#[derive(Debug, Clone)]
-pub struct ClaimTools {
-    names: Vec<String>,
-}
-
-impl ClaimTools {
-    pub fn new(names: &[String]) -> ClaimTools {
-        ClaimTools {
-            names: names.to_vec(),
-        }
-    }
-
-    /// The canonical (unprefixed) name of `tool` if it is a claim tool.
-    pub fn canonical<'a>(&self, tool: &'a str) -> Option<&'a str> {
-        if self.names.iter().any(|n| n == tool) {
-            return Some(tool.strip_prefix("mcp_").unwrap_or(tool));
-        }
-        let bare = tool.strip_prefix("mcp_")?;
-        self.names.iter().any(|n| n == bare).then_some(bare)
-    }
-}
+use super::{ChildLink, Claim, ClaimTools, Claimed, Source};
+use crate::opencode::{self, line_value, TaskTag, ToolPart, ToolStatus};
 
 /// Recognises a tool's *result text* as a claim (what a model reads, and what a completed tool
 /// part carries as `state.output`). `input` is the tool's arguments, used for links the output
@@ -123,39 +30,28 @@ pub fn tool_result(tools: &ClaimTools, tool: &str, input: &Value, output: &str) 
 /// Beyond [`tool_result`], a `task` part marked `completed` with `metadata.background: true` is
 /// itself a claim: the part says the tool is done while its output says the child runs. Its
 /// child is `metadata.sessionId` (camel-case, set while running).
-pub fn tool_part(tools: &ClaimTools, part: &Value) -> Option<Claim> {
-    if part.get("type").and_then(Value::as_str) != Some("tool") {
+pub fn tool_part(tools: &ClaimTools, part: &ToolPart) -> Option<Claim> {
+    let status = part.state.status;
+    if status != ToolStatus::Completed && status != ToolStatus::Error {
         return None;
     }
-    let tool = part.get("tool").and_then(Value::as_str)?;
-    let state = part.get("state")?;
-    let status = state.get("status").and_then(Value::as_str)?;
-    if status != "completed" && status != "error" {
-        return None;
-    }
-    let empty = Value::Null;
-    let input = state.get("input").unwrap_or(&empty);
-    let output = state
-        .get("output")
-        .and_then(Value::as_str)
-        .or_else(|| state.get("error").and_then(Value::as_str))
+    let output = part
+        .state
+        .output
+        .as_deref()
+        .or(part.state.error.as_deref())
         .unwrap_or("");
-    let metadata = state.get("metadata");
-    let meta_session = metadata
-        .and_then(|m| m.get("sessionId"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    if tools.canonical(tool) == Some("task") {
-        if let Some(mut claim) = tool_result(tools, tool, input, output) {
-            add_session(&mut claim, meta_session);
-            return Some(claim);
-        }
+    let meta_session = part.child_session_id().map(str::to_owned);
+    let mut claim = tool_result(tools, &part.tool, &part.state.input, output);
+    if claim.is_none() && tools.canonical(&part.tool) == Some("task") {
         // The part itself says done: a background launch, or a foreground child whose output
         // format is not recognised. Either way the child must be terminal for it to be true.
-        let child = meta_session.or_else(|| first_task_tag(output).map(|t| t.id))?;
-        return Some(Claim {
+        let child = meta_session
+            .clone()
+            .or_else(|| first_task_tag(output).map(|t| t.id))?;
+        claim = Some(Claim {
             source: Source::Task,
-            claimed: if status == "error" {
+            claimed: if status == ToolStatus::Error {
                 Claimed::Error
             } else {
                 Claimed::Completed
@@ -163,7 +59,7 @@ pub fn tool_part(tools: &ClaimTools, part: &Value) -> Option<Claim> {
             children: vec![ChildLink::Session(child)],
         });
     }
-    let mut claim = tool_result(tools, tool, input, output)?;
+    let mut claim = claim?;
     add_session(&mut claim, meta_session);
     Some(claim)
 }
@@ -198,30 +94,6 @@ pub fn message_text(text: &str) -> Option<Claim> {
         });
     }
     supervised(text)
-}
-
-/// `bg_…` → `ses_…` links announced by a launch result (oh-my-opencode `task` with
-/// `run_in_background`, `call_omo_agent`), so later claims naming only the `bg_` id can be
-/// linked. Reads the `<task_metadata>` block and `Task ID:`/`Session ID:` lines, and the part
-/// metadata `sessionId`/`backgroundTaskId` when given.
-pub fn launches(output: &str, metadata: Option<&Value>) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    if let Some(m) = metadata {
-        let bg = m.get("backgroundTaskId").and_then(Value::as_str);
-        let ses = m.get("sessionId").and_then(Value::as_str);
-        if let (Some(bg), Some(ses)) = (bg, ses) {
-            out.push((bg.to_owned(), ses.to_owned()));
-        }
-    }
-    if let Some(launch) = opencode::omo_launch(output) {
-        if let Some(bg) = launch.background_task_id {
-            let pair = (bg, launch.session_id);
-            if !out.contains(&pair) {
-                out.push(pair);
-            }
-        }
-    }
-    out
 }
 
 // === formats ===
@@ -376,15 +248,6 @@ fn claimed_word(word: &str) -> Option<Claimed> {
 
 /// The trimmed value after `key` on the first line that starts with it (after whitespace or
 /// a table pipe).
-fn line_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.lines().find_map(|line| {
-        let line = line.trim_start_matches(|c: char| c.is_whitespace() || c == '|');
-        let value = line.strip_prefix(key)?;
-        let value = value.trim().trim_end_matches('|').trim().trim_matches('`');
-        (!value.is_empty()).then_some(value)
-    })
-}
-
 fn tag_value<'a>(text: &'a str, tag: &str) -> Option<&'a str> {
     let open = format!("<{tag}>");
     let close = format!("</{tag}>");
@@ -429,6 +292,12 @@ mod tests {
 
     const CHILD: &str = "ses_df4c7ab9bffecks0CL3iL16K45";
 
+    fn typed(part: &Value) -> Option<ToolPart> {
+        crate::opencode::Part::from_value(part.clone())
+            .as_tool()
+            .cloned()
+    }
+
     #[test]
     fn background_task_part_completed_is_a_claim_on_its_child() {
         // The 1.18.33 part as recorded: completed at once, output says the child runs.
@@ -436,7 +305,7 @@ mod tests {
             "input":{"background":true},
             "output":format!("<task id=\"{CHILD}\" state=\"running\">\n<summary>Background task started</summary>"),
             "metadata":{"sessionId":CHILD,"background":true}}});
-        let claim = tool_part(&tools(), &part).unwrap();
+        let claim = tool_part(&tools(), &typed(&part).unwrap()).unwrap();
         assert_eq!(claim.source, Source::Task);
         assert_eq!(claim.claimed, Claimed::Completed);
         assert_eq!(claim.children, vec![ChildLink::Session(CHILD.into())]);
@@ -445,9 +314,9 @@ mod tests {
     #[test]
     fn running_task_part_is_not_a_claim() {
         let part = json!({"type":"tool","tool":"task","state":{"status":"running","metadata":{"sessionId":CHILD}}});
-        assert_eq!(tool_part(&tools(), &part), None);
+        assert_eq!(tool_part(&tools(), &typed(&part).unwrap()), None);
         let text = json!({"type":"text","text":"hello"});
-        assert_eq!(tool_part(&tools(), &text), None);
+        assert_eq!(typed(&text), None, "a text part is no tool part");
     }
 
     #[test]
@@ -562,20 +431,6 @@ mod tests {
             vec![ChildLink::Background("bg_04817ab3".into())]
         );
         assert_eq!(message_text("please continue"), None);
-    }
-
-    #[test]
-    fn launches_map_background_ids_to_sessions() {
-        let launch = format!("Background task launched.\n\nBackground Task ID: bg_04817ab3\nStatus: pending\n\n<task_metadata>\nsession_id: {CHILD}\nbackground_task_id: bg_04817ab3\nsubagent: Sisyphus-Junior\n</task_metadata>");
-        assert_eq!(
-            launches(&launch, None),
-            vec![("bg_04817ab3".to_owned(), CHILD.to_owned())]
-        );
-        let omo_agent = format!("Background agent task launched successfully.\n\nTask ID: bg_aaaabbbb\nSession ID: {CHILD}\nStatus: pending");
-        assert_eq!(
-            launches(&omo_agent, None),
-            vec![("bg_aaaabbbb".to_owned(), CHILD.to_owned())]
-        );
     }
 
     #[test]
