@@ -134,7 +134,9 @@ pub struct ProxyConfig {
     /// ready for one (a fresh connection, or a kept-alive one after its last response); else the
     /// connection is closed. Ends slow-header ("slowloris") clients.
     pub header_read_timeout: HumanDuration,
-    /// A kept-alive client connection with no request in flight is closed after this long.
+    /// A kept-alive client connection with no request in flight is closed after this long
+    /// (hyper's header timer, which also runs while a connection waits for its next request,
+    /// closes it first when `header_read_timeout` is shorter).
     pub idle_timeout: HumanDuration,
     /// Most client connections served at once; beyond it new connections wait in the listen
     /// backlog until one closes (lowered at start to what the descriptor limit allows).
@@ -159,7 +161,7 @@ impl Default for ProxyConfig {
             shutdown_grace: HumanDuration(Duration::from_secs(10)),
             inspect_limit_bytes: 16 * 1024 * 1024,
             header_read_timeout: HumanDuration(Duration::from_secs(30)),
-            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            idle_timeout: HumanDuration(Duration::from_secs(20)),
             max_connections: 1024,
             admin_token: None,
             runtime_log: None,

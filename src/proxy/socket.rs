@@ -80,11 +80,11 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.0.poll_read_ready(cx))?;
-            match self.0.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+            // Into the uninitialised spare room directly (tokio's `BufMut` for `ReadBuf`): hyper
+            // offers a fresh, large buffer on every read, and zeroing it each time would cost as
+            // much as the copy itself.
+            match self.0.try_read_buf(buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
