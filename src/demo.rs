@@ -54,7 +54,7 @@ enum DemoError {
     #[error("the {which} client failed: {source}")]
     Client {
         which: &'static str,
-        source: crate::sim::client::ClientError,
+        source: crate::sim::client::RunError,
     },
 }
 

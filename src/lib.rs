@@ -14,7 +14,7 @@
 //!   the terminal rule (one pure function).
 //! - [`gate`]: finds completion claims in responses and event streams, holds and releases them.
 //! - [`sim`]: a scripted OpenCode-compatible runtime that shows the bug.
-//! - [`model`]: the model face, between the runtime and its model provider (issue 9).
+//! - [`model`]: the model face, between the runtime and its model provider (docs/model-side.md).
 //! - [`demo`]: the side-by-side demo built on the simulated runtime.
 //! - [`wrap`]: `taskgate wrap -- opencode …`: a private runtime, the proxy and the client in one.
 //! - [`cli`]: the subcommands; `main.rs` only parses and calls them.

@@ -3,7 +3,7 @@
 //! exists to fix, and prove the test rig itself works. They skip with a message when the runtime
 //! cannot be installed locally, and fail under `CI=true`.
 //!
-//! The through-taskgate versions (issue 6) reuse the same rig; see the sketch at the end.
+//! The through-taskgate versions (`real_taskgate.rs`) reuse the same rig; see the sketch at the end.
 
 #[path = "support/provider.rs"]
 mod provider;

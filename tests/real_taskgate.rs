@@ -1,4 +1,4 @@
-//! taskgate in front of the real OpenCode runtime (issue 6): the same rig as `real_runtime.rs`
+//! taskgate in front of the real OpenCode runtime: the same rig as `real_runtime.rs`
 //! (the pinned `opencode-ai`, the scripted model provider), with `taskgate::proxy::run` serving on
 //! 127.0.0.1:0 in front of the runtime, and `opencode run --attach` pointed at taskgate.
 //!
@@ -207,7 +207,7 @@ fn busy_at_root_idles(events: &[Value], root: &str) -> Vec<Vec<String>> {
     offences
 }
 
-/// Issue 6: `opencode run --attach TASKGATE` with a background child exits only after the child
+/// `opencode run --attach TASKGATE` with a background child exits only after the child
 /// finished and the parent answered its result: exit 0, the parent's last answer printed, and
 /// nothing left busy. The child is held until the run is provably past the point where the
 /// direct run exits (the runtime has answered the prompt and taskgate holds that answer).

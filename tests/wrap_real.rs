@@ -1,4 +1,4 @@
-//! `taskgate wrap` against the real OpenCode runtime (issue 11), driven by the scripted model.
+//! `taskgate wrap` against the real OpenCode runtime, driven by the scripted model.
 //! Each test runs the real `taskgate` binary the way a user would, in the isolated folder of the
 //! real-runtime harness. They skip with a message when the runtime cannot be installed locally,
 //! and fail under `CI=true`.

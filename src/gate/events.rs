@@ -43,7 +43,7 @@ pub(super) fn gate_stream(
     // A small buffer: the relay waits for a slow client rather than piling frames up, which
     // keeps memory bounded and order intact.
     let (tx, rx) = mpsc::channel::<Frame>(64);
-    let relay = Relay::new(gate, directory, global, tx);
+    let relay = StreamGate::new(gate, directory, global, tx);
     tokio::spawn(relay.run(body));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|frame| (frame, rx))
@@ -89,7 +89,7 @@ enum HeldKind {
     },
 }
 
-struct Relay {
+struct StreamGate {
     gate: Gate,
     directory: Option<String>,
     global: bool,
@@ -109,10 +109,15 @@ struct Relay {
 /// The client is gone (or shutdown): stop relaying.
 struct Closed;
 
-impl Relay {
-    fn new(gate: Gate, directory: Option<String>, global: bool, tx: mpsc::Sender<Frame>) -> Relay {
+impl StreamGate {
+    fn new(
+        gate: Gate,
+        directory: Option<String>,
+        global: bool,
+        tx: mpsc::Sender<Frame>,
+    ) -> StreamGate {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        Relay {
+        StreamGate {
             gate,
             directory,
             global,

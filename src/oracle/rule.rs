@@ -1,4 +1,4 @@
-//! The terminal rule (completion-claims.md §2, clauses 1–5) as one pure function over a
+//! The terminal rule (docs/terminal-rule.md, clauses 1–5) as one pure function over a
 //! snapshot of a session tree. No I/O, no clock: the same snapshot always gives the same
 //! verdict, so every clause is tested with plain data. Clause 6 (the settle window) needs time
 //! and lives in the async layer (`Oracle::wait_terminal`). See docs/terminal-rule.md.

@@ -1,4 +1,4 @@
-//! The transparent forwarder and the `/_taskgate/` admin endpoints. (Issue 2.)
+//! The transparent forwarder and the `/_taskgate/` admin endpoints (docs/proxy.md).
 //!
 //! One accept loop serves HTTP/1.1 (with upgrades) on every connection; each request is either
 //! an admin request (`/_taskgate` and below, never forwarded, see [`admin`]) or forwarded to the

@@ -76,7 +76,7 @@ impl RunReport {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum RunError {
     #[error("bad URL {0}")]
     Url(String),
     #[error("request failed: {0}")]
@@ -107,11 +107,11 @@ fn ms_since(start: Instant) -> u64 {
 }
 
 /// Runs `prompt` like `opencode run --attach base_url` and reports what it believed.
-pub async fn run_like_opencode_run(base_url: &str, prompt: &str) -> Result<RunReport, ClientError> {
+pub async fn run_like_opencode_run(base_url: &str, prompt: &str) -> Result<RunReport, RunError> {
     let start = Instant::now();
     let base = base_url.trim_end_matches('/').to_owned();
     if !base.starts_with("http://") {
-        return Err(ClientError::Url(base));
+        return Err(RunError::Url(base));
     }
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
@@ -124,7 +124,7 @@ pub async fn run_like_opencode_run(base_url: &str, prompt: &str) -> Result<RunRe
     .await?;
     let session_id = session["id"]
         .as_str()
-        .ok_or_else(|| ClientError::NoSessionId(session.to_string()))?
+        .ok_or_else(|| RunError::NoSessionId(session.to_string()))?
         .to_owned();
     send_json(&client, Method::GET, &format!("{base}/config"), None).await?;
 
@@ -140,13 +140,13 @@ pub async fn run_like_opencode_run(base_url: &str, prompt: &str) -> Result<RunRe
         seen: Seen::Returned {
             text: response["parts"]
                 .as_array()
-                .and_then(|parts| super::engine::last_text(parts)),
+                .and_then(|parts| super::messages::last_text(parts)),
         },
     };
 
     let (mut timeline, idle_event_id) = match reader.await {
         Ok(result) => result?,
-        Err(_) => return Err(ClientError::StreamEnded),
+        Err(_) => return Err(RunError::StreamEnded),
     };
     let at = timeline
         .iter()
@@ -171,20 +171,20 @@ async fn open(
     method: Method,
     url: &str,
     body: Option<Value>,
-) -> Result<Response<Incoming>, ClientError> {
-    let uri: hyper::Uri = url.parse().map_err(|_| ClientError::Url(url.to_owned()))?;
+) -> Result<Response<Incoming>, RunError> {
+    let uri: hyper::Uri = url.parse().map_err(|_| RunError::Url(url.to_owned()))?;
     let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let request = Request::builder()
         .method(method.clone())
         .uri(uri)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(bytes))
-        .map_err(|_| ClientError::Url(url.to_owned()))?;
+        .map_err(|_| RunError::Url(url.to_owned()))?;
     let response = client.request(request).await?;
     if !response.status().is_success() {
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
-        return Err(ClientError::Status {
+        return Err(RunError::Status {
             route: format!("{method} {url}"),
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
@@ -198,11 +198,11 @@ async fn send_json(
     method: Method,
     url: &str,
     body: Option<Value>,
-) -> Result<Value, ClientError> {
+) -> Result<Value, RunError> {
     let route = format!("{method} {url}");
     let response = open(client, method, url, body).await?;
     let body = response.into_body().collect().await?.to_bytes();
-    serde_json::from_slice(&body).map_err(|source| ClientError::Json { route, source })
+    serde_json::from_slice(&body).map_err(|source| RunError::Json { route, source })
 }
 
 /// A live subscription to `GET /event`: era-C envelopes, one at a time. Usable against the sim
@@ -216,12 +216,12 @@ pub struct EventStream {
 impl EventStream {
     /// Subscribes to `{base_url}/event` and returns once `server.connected` arrived, so every
     /// event emitted afterwards will be seen.
-    pub async fn open(base_url: &str) -> Result<EventStream, ClientError> {
+    pub async fn open(base_url: &str) -> Result<EventStream, RunError> {
         let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
         EventStream::connect(&client, base_url.trim_end_matches('/')).await
     }
 
-    async fn connect(client: &HttpClient, base: &str) -> Result<EventStream, ClientError> {
+    async fn connect(client: &HttpClient, base: &str) -> Result<EventStream, RunError> {
         let response = open(client, Method::GET, &format!("{base}/event"), None).await?;
         let mut stream = EventStream {
             body: response.into_body(),
@@ -232,14 +232,14 @@ impl EventStream {
             match stream.next().await? {
                 Some(event) if event["type"] == "server.connected" => return Ok(stream),
                 Some(_) => continue,
-                None => return Err(ClientError::StreamEnded),
+                None => return Err(RunError::StreamEnded),
             }
         }
     }
 
     /// The next event, or `None` when the stream ended. Lines that are not JSON `data:` are
     /// skipped, like a browser's EventSource does with unknown fields.
-    pub async fn next(&mut self) -> Result<Option<Value>, ClientError> {
+    pub async fn next(&mut self) -> Result<Option<Value>, RunError> {
         loop {
             if let Some(event) = self.ready.pop_front() {
                 return Ok(Some(event));
@@ -265,7 +265,7 @@ async fn read_until_idle(
     mut events: EventStream,
     session: String,
     start: Instant,
-) -> Result<(Vec<Entry>, Option<String>), ClientError> {
+) -> Result<(Vec<Entry>, Option<String>), RunError> {
     let mut timeline = Vec::new();
     while let Some(event) = events.next().await? {
         let props = &event["properties"];
@@ -318,5 +318,5 @@ async fn read_until_idle(
             }
         }
     }
-    Err(ClientError::StreamEnded)
+    Err(RunError::StreamEnded)
 }

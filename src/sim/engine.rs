@@ -2,115 +2,26 @@
 //! runtime's and the plugin's side jobs (background children, result injection, plugin aborts
 //! and wakes). Each visible change goes through a [`Sim`] state method that also emits the event.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::scenario::{self, Agent, Launch, LaunchStyle, PluginStep, Step};
-use super::state::{
-    now_ms, MessageRec, SessionRec, Sim, State, MODEL_ID, PROJECT_ID, PROVIDER_ID, SNAPSHOT,
-    VERSION,
+use super::messages::{
+    complete_message, finish_message, latest_text, new_part_id, open_assistant, outcome_of,
+    permissions, put_part, set_status, step_start, text_part, tokens, SLUG_A, SLUG_B,
 };
-
-/// The scenario agent answering a session's turns.
-pub struct Script {
-    pub agent: Arc<Agent>,
-    pub ctx: Arc<RunCtx>,
-    /// Turns handed out so far.
-    pub taken: usize,
-}
-
-/// What one scenario run shares across its sessions: the children launched so far, by label.
-#[derive(Default)]
-pub struct RunCtx {
-    launched: Mutex<Vec<Launched>>,
-}
-
-#[derive(Clone)]
-struct Launched {
-    label: &'static str,
-    description: &'static str,
-    session: String,
-    bg_id: Option<String>,
-    at: Instant,
-}
-
-impl RunCtx {
-    fn find(&self, label: &str) -> Option<Launched> {
-        self.launched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|l| l.label == label)
-            .cloned()
-    }
-
-    fn all(&self) -> Vec<Launched> {
-        self.launched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn push(&self, l: Launched) {
-        self.launched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(l);
-    }
-}
-
-/// One user message waiting for the session's loop.
-pub struct Trigger {
-    user_msg: String,
-    steps: Vec<Step>,
-    ctx: Arc<RunCtx>,
-    agent: &'static str,
-    reply: Option<oneshot::Sender<LoopOutcome>>,
-}
-
-/// How a loop ended: what `POST /session/:id/message` returns, and what the runtime injects
-/// into the parent of a background child.
-#[derive(Debug, Clone, Default)]
-pub struct LoopOutcome {
-    /// `{info, parts}` of the loop's last assistant message.
-    pub message: Option<Value>,
-    /// The last text the loop wrote.
-    pub text: Option<String>,
-    /// The assistant `error` that ended the loop.
-    pub error: Option<Value>,
-    pub aborted: bool,
-}
+use super::run::{Launched, LoopOutcome, RunCtx, Script, Trigger};
+use super::scenario::{self, Launch, Launching, PluginStep, Step};
+use super::state::{
+    now_ms, MessageRec, SessionRec, Sim, State, MODEL_ID, PROJECT_ID, PROVIDER_ID, VERSION,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("Session not found: {0}")]
 pub struct NotFound(pub String);
-
-fn tokens() -> Value {
-    json!({"input": 0, "output": 0, "reasoning": 0, "cache": {"read": 0, "write": 0}})
-}
-
-fn permissions(child: bool) -> Value {
-    let mut p = vec![
-        json!({"permission": "question", "pattern": "*", "action": "deny"}),
-        json!({"permission": "plan_enter", "pattern": "*", "action": "deny"}),
-        json!({"permission": "plan_exit", "pattern": "*", "action": "deny"}),
-    ];
-    if child {
-        p.push(json!({"permission": "task", "pattern": "*", "action": "deny"}));
-    }
-    Value::Array(p)
-}
-
-const SLUG_A: &[&str] = &[
-    "quick", "curious", "brave", "calm", "eager", "gentle", "silent",
-];
-const SLUG_B: &[&str] = &[
-    "circuit", "engine", "river", "comet", "falcon", "harbor", "meadow",
-];
 
 impl Sim {
     fn scaled(&self, ms: u64) -> Duration {
@@ -224,14 +135,14 @@ pub fn abort(sim: &Sim, id: &str) -> Result<(), NotFound> {
     Ok(())
 }
 
-/// A user prompt (`POST /session/:id/message` or `prompt_async`). A prompt with a scenario
-/// marker, or the first prompt of a session, starts a scenario; later plain prompts get the
-/// session's next scripted turn.
 /// Whether the runtime knows session `id`.
 pub fn exists(sim: &Arc<Sim>, id: &str) -> bool {
     sim.lock().session(id).is_some()
 }
 
+/// A user prompt (`POST /session/:id/message` or `prompt_async`). A prompt with a scenario
+/// marker, or the first prompt of a session, starts a scenario; later plain prompts get the
+/// session's next scripted turn.
 pub fn prompt(
     sim: &Arc<Sim>,
     id: &str,
@@ -362,164 +273,6 @@ fn add_user_message(
         json!({"sessionID": sid, "part": part, "time": now}),
     );
     Ok(mid)
-}
-
-/// Sets a session's status; idle removes it from the status map and adds `session.idle`.
-fn set_status(sim: &Sim, st: &mut State, sid: &str, status: Value) {
-    if st.session(sid).is_none() {
-        return;
-    }
-    let idle = status["type"] == "idle";
-    if idle {
-        st.statuses.remove(sid);
-    } else {
-        st.statuses.insert(sid.to_owned(), status.clone());
-    }
-    sim.emit(
-        st,
-        "session.status",
-        json!({"sessionID": sid, "status": status}),
-    );
-    if idle {
-        sim.emit(st, "session.idle", json!({"sessionID": sid}));
-    }
-}
-
-fn open_assistant(sim: &Sim, sid: &str, parent_msg: &str, agent: &str) -> String {
-    let mut st = sim.lock();
-    let mid = st.ids.ascending("msg");
-    let info = json!({
-        "id": mid, "sessionID": sid, "role": "assistant", "time": {"created": now_ms()},
-        "parentID": parent_msg, "modelID": MODEL_ID, "providerID": PROVIDER_ID,
-        "mode": agent, "agent": agent,
-        "path": {"cwd": sim.directory, "root": sim.directory},
-        "cost": 0, "tokens": tokens(),
-    });
-    if let Some(rec) = st.session_mut(sid) {
-        rec.messages.push(MessageRec {
-            info: info.clone(),
-            parts: Vec::new(),
-        });
-        rec.open = Some(mid.clone());
-        sim.emit(
-            &mut st,
-            "message.updated",
-            json!({"sessionID": sid, "info": info}),
-        );
-    }
-    mid
-}
-
-/// Inserts or replaces a part (by id) and emits `message.part.updated`.
-fn put_part(sim: &Sim, st: &mut State, sid: &str, mid: &str, part: Value) {
-    let Some(msg) = st.message_mut(sid, mid) else {
-        return;
-    };
-    match msg.parts.iter_mut().find(|p| p["id"] == part["id"]) {
-        Some(slot) => *slot = part.clone(),
-        None => msg.parts.push(part.clone()),
-    }
-    sim.emit(
-        st,
-        "message.part.updated",
-        json!({"sessionID": sid, "part": part, "time": now_ms()}),
-    );
-}
-
-fn new_part_id(sim: &Sim) -> String {
-    sim.lock().ids.ascending("prt")
-}
-
-fn step_start(sim: &Sim, sid: &str, mid: &str) {
-    let id = new_part_id(sim);
-    let part = json!({"id": id, "sessionID": sid, "messageID": mid, "type": "step-start", "snapshot": SNAPSHOT});
-    put_part(sim, &mut sim.lock(), sid, mid, part);
-}
-
-fn text_part(sim: &Sim, sid: &str, mid: &str, text: &str) {
-    let id = new_part_id(sim);
-    let start = now_ms();
-    let mut part = json!({"id": id, "sessionID": sid, "messageID": mid, "type": "text", "text": "", "time": {"start": start}});
-    let mut st = sim.lock();
-    put_part(sim, &mut st, sid, mid, part.clone());
-    sim.emit(
-        &mut st,
-        "message.part.delta",
-        json!({"sessionID": sid, "messageID": mid, "partID": id, "field": "text", "delta": text}),
-    );
-    part["text"] = json!(text);
-    part["time"]["end"] = json!(now_ms());
-    put_part(sim, &mut st, sid, mid, part);
-}
-
-/// Ends an assistant message: step-finish part, `finish`, `time.completed`.
-fn finish_message(sim: &Sim, sid: &str, mid: &str, reason: &str) {
-    let id = new_part_id(sim);
-    let part = json!({"id": id, "sessionID": sid, "messageID": mid, "type": "step-finish",
-        "reason": reason, "snapshot": SNAPSHOT, "cost": 0, "tokens": tokens()});
-    let mut st = sim.lock();
-    put_part(sim, &mut st, sid, mid, part);
-    complete_message(sim, &mut st, sid, mid, |info| {
-        info["finish"] = json!(reason)
-    });
-}
-
-fn complete_message(
-    sim: &Sim,
-    st: &mut State,
-    sid: &str,
-    mid: &str,
-    edit: impl FnOnce(&mut Value),
-) {
-    let Some(msg) = st.message_mut(sid, mid) else {
-        return;
-    };
-    msg.info["time"]["completed"] = json!(now_ms());
-    edit(&mut msg.info);
-    let info = msg.info.clone();
-    if let Some(rec) = st.session_mut(sid) {
-        if rec.open.as_deref() == Some(mid) {
-            rec.open = None;
-        }
-    }
-    sim.emit(
-        st,
-        "message.updated",
-        json!({"sessionID": sid, "info": info}),
-    );
-}
-
-/// The loop's outcome as of message `mid`.
-fn outcome_of(sim: &Sim, sid: &str, mid: &str) -> LoopOutcome {
-    let mut st = sim.lock();
-    let Some(msg) = st.message_mut(sid, mid) else {
-        return LoopOutcome::default();
-    };
-    LoopOutcome {
-        message: Some(msg.to_json()),
-        text: last_text(&msg.parts),
-        error: msg.info.get("error").cloned(),
-        aborted: msg.info["error"]["name"] == "MessageAbortedError",
-    }
-}
-
-/// The last text part's text (what a client prints as the answer).
-pub(super) fn last_text(parts: &[Value]) -> Option<String> {
-    parts
-        .iter()
-        .rev()
-        .find(|p| p["type"] == "text")
-        .and_then(|p| p["text"].as_str())
-        .map(str::to_owned)
-}
-
-/// A session's latest text anywhere in its messages (what oh-my-opencode's
-/// `background_output` shows as the result).
-fn latest_text(sim: &Sim, sid: &str) -> String {
-    let st = sim.lock();
-    st.session(sid)
-        .and_then(|rec| rec.messages.iter().rev().find_map(|m| last_text(&m.parts)))
-        .unwrap_or_default()
 }
 
 /// The agent loop of one session: waits for a user message, goes busy, answers every queued
@@ -735,21 +488,21 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
     let start = now_ms();
     let model = json!({"modelID": MODEL_ID, "providerID": PROVIDER_ID});
     let bg_id =
-        (launch.style == LaunchStyle::OmoBackground).then(|| sim.lock().ids.background_task());
+        (launch.style == Launching::OmoBackground).then(|| sim.lock().ids.background_task());
     let (input, mut metadata) = match launch.style {
-        LaunchStyle::OmoBackground => (
+        Launching::OmoBackground => (
             json!({"category": "quick", "run_in_background": true, "load_skills": [],
                 "description": launch.description, "prompt": launch.prompt}),
             json!({"sessionId": child_id, "backgroundTaskId": bg_id, "agent": child_agent,
                 "category": "quick"}),
         ),
-        LaunchStyle::Background => (
+        Launching::Background => (
             json!({"description": launch.description, "prompt": launch.prompt,
                 "subagent_type": child_agent, "background": true}),
             json!({"parentSessionId": sid, "sessionId": child_id, "model": model,
                 "background": true}),
         ),
-        LaunchStyle::Foreground => (
+        Launching::Foreground => (
             json!({"description": launch.description, "prompt": launch.prompt,
                 "subagent_type": child_agent}),
             json!({"parentSessionId": sid, "sessionId": child_id, "model": model}),
@@ -800,7 +553,7 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
         }
     };
 
-    let background = launch.style != LaunchStyle::Foreground;
+    let background = launch.style != Launching::Foreground;
     let starter = if background {
         tokio::spawn(starter);
         None
@@ -818,7 +571,7 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
         .await;
     }
     let output = match launch.style {
-        LaunchStyle::Foreground => {
+        Launching::Foreground => {
             if let Some(starter) = starter {
                 starter.await;
             }
@@ -826,7 +579,7 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
             metadata["truncated"] = json!(false);
             result_text(&child_id, launch.description, &outcome, false)
         }
-        LaunchStyle::Background => {
+        Launching::Background => {
             tokio::spawn(inject_when_done(
                 sim.clone(),
                 sid.to_owned(),
@@ -841,7 +594,7 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
                 "<task id=\"{child_id}\" state=\"running\">\n<summary>Background task started</summary>\n<task_result>\nThe task is working in the background. You will be notified automatically when it finishes.\nDO NOT sleep, poll for progress, ask the task for status, or duplicate this task's work — avoid working with the same files or topics it is using.\nWork on non-overlapping tasks, or briefly tell the user what you launched and end your response.\n</task_result>\n</task>"
             )
         }
-        LaunchStyle::OmoBackground => {
+        Launching::OmoBackground => {
             // oh-my-opencode reads the outcome through its own poller; nothing is injected.
             drop(rx);
             let bg = bg_id.unwrap_or_default();

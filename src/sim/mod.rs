@@ -12,6 +12,8 @@
 
 pub mod client;
 mod engine;
+mod messages;
+mod run;
 pub mod scenario;
 mod state;
 
@@ -30,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use state::{Event, Sim, PROJECT_ID, VERSION};
+use state::{Emitted, Sim, PROJECT_ID, VERSION};
 
 #[derive(Debug, Clone, Copy)]
 pub struct SimOptions {
@@ -371,7 +373,7 @@ fn sse_line(value: &Value) -> String {
 }
 
 /// The frames one event becomes on a route.
-fn frames(sim: &Sim, flavor: Flavor, event: &Event) -> String {
+fn frames(sim: &Sim, flavor: Flavor, event: &Emitted) -> String {
     match flavor {
         Flavor::Directory => sse_line(&event.envelope()),
         Flavor::Global => {
@@ -410,7 +412,7 @@ async fn global_events(State(sim): State<Arc<Sim>>) -> Response {
 struct StreamState {
     sim: Arc<Sim>,
     flavor: Flavor,
-    rx: broadcast::Receiver<Arc<Event>>,
+    rx: broadcast::Receiver<Arc<Emitted>>,
     heartbeat: tokio::time::Interval,
     connected: bool,
 }

@@ -64,7 +64,7 @@ pub struct Launch {
     pub label: &'static str,
     pub description: &'static str,
     pub prompt: &'static str,
-    pub style: LaunchStyle,
+    pub style: Launching,
     pub child: Agent,
     /// Native background only: time between the child's loop ending and the runtime injecting
     /// its result into the parent.
@@ -72,7 +72,7 @@ pub struct Launch {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LaunchStyle {
+pub enum Launching {
     /// `task` with `background: true` (1.18): completed at once with `state="running"`; the
     /// runtime injects `<task … state="completed|error">` into the parent when the child's
     /// first loop ends (nothing if it was aborted).
@@ -144,7 +144,7 @@ fn worker(ms: u64, text: &'static str) -> Agent {
     agent("general", vec![vec![Step::Think(ms), Step::Say(text)]])
 }
 
-fn launch(label: &'static str, style: LaunchStyle, child: Agent) -> Step {
+fn launch(label: &'static str, style: Launching, child: Agent) -> Step {
     Step::Launch(Launch {
         label,
         description: label,
@@ -200,7 +200,7 @@ fn bg_child() -> Scenario {
                     Step::Think(100),
                     launch(
                         "child job",
-                        LaunchStyle::Background,
+                        Launching::Background,
                         worker(3000, "child finished the work"),
                     ),
                     Step::Think(100),
@@ -227,12 +227,12 @@ fn bg_two() -> Scenario {
                     Step::Think(100),
                     launch(
                         "slow job",
-                        LaunchStyle::Background,
+                        Launching::Background,
                         worker(3500, "slow child done"),
                     ),
                     launch(
                         "quick job",
-                        LaunchStyle::Background,
+                        Launching::Background,
                         worker(2000, "quick child done"),
                     ),
                     Step::Say("launched two, ending my turn"),
@@ -254,11 +254,11 @@ fn bg_three() -> Scenario {
             vec![
                 vec![
                     Step::Think(100),
-                    launch("job one", LaunchStyle::Background, worker(2500, "one done")),
-                    launch("job two", LaunchStyle::Background, worker(3500, "two done")),
+                    launch("job one", Launching::Background, worker(2500, "one done")),
+                    launch("job two", Launching::Background, worker(3500, "two done")),
                     launch(
                         "job three",
-                        LaunchStyle::Background,
+                        Launching::Background,
                         worker(1500, "three done"),
                     ),
                     Step::Say("launched three, ending my turn"),
@@ -283,7 +283,7 @@ fn grandchild() -> Scenario {
                 Step::Think(200),
                 launch(
                     "grandchild job",
-                    LaunchStyle::Background,
+                    Launching::Background,
                     worker(3000, "grandchild finished"),
                 ),
                 Step::Say("partial: my grandchild's result is not in yet"),
@@ -297,7 +297,7 @@ fn grandchild() -> Scenario {
     Scenario {
         name: "grandchild",
         summary: "a child launches a grandchild and goes idle; its result is injected early",
-        root: parent_of(launch("child job", LaunchStyle::Background, child)),
+        root: parent_of(launch("child job", Launching::Background, child)),
         plugin: vec![],
     }
 }
@@ -312,7 +312,7 @@ fn fg_child() -> Scenario {
                 Step::Think(100),
                 launch(
                     "child job",
-                    LaunchStyle::Foreground,
+                    Launching::Foreground,
                     worker(1500, "child finished the work"),
                 ),
                 Step::Think(100),
@@ -345,7 +345,7 @@ fn omo() -> Scenario {
                         label: "child task",
                         description: "child task",
                         prompt: "CHILD-WORK do the thing",
-                        style: LaunchStyle::OmoBackground,
+                        style: Launching::OmoBackground,
                         child,
                         inject_delay_ms: 0,
                     }),
@@ -385,7 +385,7 @@ fn child_fail() -> Scenario {
                     Step::Think(100),
                     launch(
                         "child job",
-                        LaunchStyle::Background,
+                        Launching::Background,
                         agent(
                             "general",
                             vec![vec![
@@ -413,7 +413,7 @@ fn child_abort() -> Scenario {
             "a long background child meant to be aborted by the user (POST /session/:child/abort)",
         root: parent_of(launch(
             "child job",
-            LaunchStyle::Background,
+            Launching::Background,
             worker(6000, "child finished the work"),
         )),
         plugin: vec![],
@@ -426,7 +426,7 @@ fn retry() -> Scenario {
         summary: "the background child spends 1.5 s in status retry in the middle of its work",
         root: parent_of(launch(
             "child job",
-            LaunchStyle::Background,
+            Launching::Background,
             agent(
                 "general",
                 vec![vec![
@@ -453,7 +453,7 @@ fn late_inject() -> Scenario {
             label: "child job",
             description: "child job",
             prompt: "CHILD-WORK do the thing",
-            style: LaunchStyle::Background,
+            style: Launching::Background,
             child: worker(1500, "child finished the work"),
             inject_delay_ms: 2000,
         })),
@@ -467,7 +467,7 @@ fn status_missing() -> Scenario {
         summary: "the child exists but is absent from /session/status for 2 s before going busy",
         root: parent_of(launch(
             "child job",
-            LaunchStyle::Background,
+            Launching::Background,
             Agent {
                 agent: "general",
                 start_delay_ms: 2000,

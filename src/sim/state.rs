@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Script, Trigger};
+use super::run::{Script, Trigger};
 use super::SimOptions;
 
 /// The version the sim claims to be: the one the recorded fixtures come from.
@@ -35,7 +35,7 @@ pub fn now_ms() -> u64 {
 /// One event as emitted, shared by every subscriber; formatted per route (`/event` bare,
 /// `/global/event` wrapped).
 #[derive(Debug)]
-pub struct Event {
+pub struct Emitted {
     pub id: String,
     pub kind: String,
     pub properties: Value,
@@ -44,7 +44,7 @@ pub struct Event {
     pub sync: Option<(String, u64, String)>,
 }
 
-impl Event {
+impl Emitted {
     /// The era-C envelope `/event` sends.
     pub fn envelope(&self) -> Value {
         json!({"id": self.id, "type": self.kind, "properties": self.properties})
@@ -172,7 +172,7 @@ pub struct State {
 /// The shared world of one sim server.
 pub struct Sim {
     state: Mutex<State>,
-    events: broadcast::Sender<Arc<Event>>,
+    events: broadcast::Sender<Arc<Emitted>>,
     changed: watch::Sender<u64>,
     pub options: SimOptions,
     pub shutdown: CancellationToken,
@@ -208,7 +208,7 @@ impl Sim {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Emitted>> {
         self.events.subscribe()
     }
 
@@ -239,7 +239,7 @@ impl Sim {
             }
             _ => None,
         };
-        let event = Arc::new(Event {
+        let event = Arc::new(Emitted {
             id,
             kind: kind.to_owned(),
             properties,

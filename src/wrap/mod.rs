@@ -1,5 +1,5 @@
 //! `taskgate wrap -- COMMAND…`: put taskgate in front of an opencode command with no ports to
-//! juggle. (Issue 11; docs/wrap.md.)
+//! juggle (docs/wrap.md).
 //!
 //! `wrap` only starts processes and the same proxy `taskgate serve` runs ([`crate::proxy::run`],
 //! in-process): a private runtime (`<COMMAND prefix> serve` on a free loopback port, its output

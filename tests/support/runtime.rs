@@ -868,7 +868,7 @@ pub async fn http_post_json_with_headers(
 }
 
 /// taskgate serving in front of a [`Runtime`] on 127.0.0.1:0, stopped on drop. For the
-/// through-taskgate tests (issue 6): `rt.run(gate.url(), &[], prompt)`.
+/// through-taskgate tests (`real_taskgate.rs`): `rt.run(gate.url(), &[], prompt)`.
 pub struct Taskgate {
     url: String,
     shutdown: tokio_util::sync::CancellationToken,
