@@ -9,6 +9,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LogFormat, Overrides};
 
+/// `eprintln!` that never panics: the command's last words on a closed stderr are lost, not a
+/// panic in place of the exit code.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "taskgate",
@@ -150,7 +159,7 @@ pub fn main(cli: Cli) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("taskgate: cannot start the async runtime: {e}");
+            say!("taskgate: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -161,11 +170,15 @@ pub fn main(cli: Cli) -> ExitCode {
                 command: ConfigCommand::Check { config },
             } => match Config::load(config.as_deref(), &Overrides::default()) {
                 Ok(config) => {
-                    print!("{}", config.to_redacted_toml());
+                    {
+                        use std::io::Write as _;
+                        // `config check | head -3` closes stdout early; that is not an error.
+                        let _ = std::io::stdout().write_all(config.to_redacted_toml().as_bytes());
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("taskgate: config: {e}");
+                    say!("taskgate: config: {e}");
                     ExitCode::from(2)
                 }
             },
@@ -181,7 +194,7 @@ async fn serve(common: CommonArgs) -> ExitCode {
     let config = match Config::load(common.config.as_deref(), &common.overrides()) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("taskgate: config: {e}");
+            say!("taskgate: config: {e}");
             return ExitCode::from(2);
         }
     };
@@ -189,11 +202,13 @@ async fn serve(common: CommonArgs) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(config.proxy.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("taskgate: cannot listen on {}: {e}", config.proxy.listen);
+            say!("taskgate: cannot listen on {}: {e}", config.proxy.listen);
             return ExitCode::from(1);
         }
     };
-    tracing::info!(listen = %config.proxy.listen, upstream = %config.proxy.upstream, "taskgate serving");
+    // The bound address, not the configured one: `--listen 127.0.0.1:0` picks a free port.
+    let listen = listener.local_addr().unwrap_or(config.proxy.listen);
+    tracing::info!(%listen, upstream = %config.proxy.upstream, "taskgate serving");
     let shutdown = shutdown_on_signal();
     // One oracle for both faces when they read the same runtime: one event subscription, and
     // each tree read once per interval however many wait on it, from either face.
@@ -210,7 +225,7 @@ async fn serve(common: CommonArgs) -> ExitCode {
         let model_listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("taskgate: cannot listen on {listen} (model.listen): {e}");
+                say!("taskgate: cannot listen on {listen} (model.listen): {e}");
                 return ExitCode::from(1);
             }
         };
@@ -228,7 +243,7 @@ async fn serve(common: CommonArgs) -> ExitCode {
         match crate::proxy::run_with_oracle(listener, config, oracle, shutdown.clone()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("taskgate: {e}");
+                say!("taskgate: {e}");
                 ExitCode::from(1)
             }
         };
@@ -237,11 +252,11 @@ async fn serve(common: CommonArgs) -> ExitCode {
         match model.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                eprintln!("taskgate: {e}");
+                say!("taskgate: {e}");
                 code = ExitCode::from(1);
             }
             Err(e) => {
-                eprintln!("taskgate: model face: {e}");
+                say!("taskgate: model face: {e}");
                 code = ExitCode::from(1);
             }
         }
@@ -254,13 +269,16 @@ async fn sim(args: SimArgs) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("taskgate: cannot listen on {}: {e}", args.listen);
+            say!("taskgate: cannot listen on {}: {e}", args.listen);
             return ExitCode::from(1);
         }
     };
     match listener.local_addr() {
-        Ok(addr) => println!("taskgate sim listening on http://{addr}"),
-        Err(e) => eprintln!("taskgate: {e}"),
+        Ok(addr) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stdout(), "taskgate sim listening on http://{addr}");
+        }
+        Err(e) => say!("taskgate: {e}"),
     }
     let options = crate::sim::SimOptions {
         time_scale: args.time_scale,
@@ -269,56 +287,110 @@ async fn sim(args: SimArgs) -> ExitCode {
     match crate::sim::run(listener, options, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("taskgate: sim: {e}");
+            say!("taskgate: sim: {e}");
             ExitCode::from(1)
         }
     }
 }
 
-/// A token cancelled on the first SIGINT or SIGTERM.
+/// A token cancelled on the first SIGINT, SIGTERM or SIGHUP (a closed terminal or a supervisor
+/// asking to stop: a graceful stop, as `taskgate wrap` treats it). A second signal exits at
+/// once with 128 + its number: an operator pressing Ctrl-C twice does not want to wait out
+/// `proxy.shutdown_grace`.
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = ctrl_c => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                }
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Installed here, before the task runs, so a signal right after start is ours (the
+        // default action of SIGHUP would end the process without draining).
+        let kinds = [
+            (SignalKind::interrupt(), libc::SIGINT),
+            (SignalKind::terminate(), libc::SIGTERM),
+            (SignalKind::hangup(), libc::SIGHUP),
+        ];
+        let mut streams = Vec::new();
+        for (kind, number) in kinds {
+            match signal(kind) {
+                Ok(stream) => streams.push((stream, number)),
+                Err(e) => tracing::warn!(error = %e, signal = number, "cannot handle signal"),
             }
         }
-        #[cfg(not(unix))]
-        {
-            let _ = ctrl_c.await;
-        }
-        tracing::info!("shutdown signal received");
+        tokio::spawn(async move {
+            if streams.is_empty() {
+                return;
+            }
+            let first = next_signal(&mut streams).await;
+            tracing::info!(
+                signal = first,
+                "shutdown signal received; again to exit at once"
+            );
+            trigger.cancel();
+            let second = next_signal(&mut streams).await;
+            tracing::warn!(signal = second, "second signal: exiting without draining");
+            std::process::exit(128 + second);
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown signal received; again to exit at once");
         trigger.cancel();
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
     });
     token
 }
 
+/// The number of the next signal to arrive on any of `streams`.
+#[cfg(unix)]
+async fn next_signal(streams: &mut [(tokio::signal::unix::Signal, i32)]) -> i32 {
+    let waits = streams.iter_mut().map(|(stream, number)| {
+        Box::pin(async move {
+            stream.recv().await;
+            *number
+        })
+    });
+    futures_util::future::select_all(waits).await.0
+}
+
 /// Installs the tracing subscriber: `RUST_LOG` if set, else `log.filter`; pretty or JSON lines
-/// on stderr (stdout stays free for the commands that print results).
+/// on stderr (stdout stays free for the commands that print results). Colours only when stderr
+/// is a terminal, so a log file or pipe gets plain text.
 pub fn init_tracing(config: &Config) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::stderr().is_terminal())
+        // Its fallback for a failed write is `eprintln!`, which panics on a closed stderr.
+        .log_internal_errors(false)
+        .with_writer(|| LossyStderr);
     // A second initialisation (tests, demo inside a process that already logs) is harmless.
     let _ = match config.log.format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Stderr for log lines, dropping what cannot be written. With `taskgate serve 2>&1 | head`
+/// the reader goes away and every write fails with EPIPE; a logger that reports or panics then
+/// takes down whichever task logged (the watcher, the signal handler, a request). Logging must
+/// never stop the proxy, so a lost line is the price.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
