@@ -912,7 +912,7 @@ pub struct Taskgate {
 }
 
 impl Taskgate {
-    /// Starts `taskgate::proxy::run` with the defaults, upstream = `rt`, and the runtime's
+    /// Starts `taskgate::cmd::stack::run` with the defaults, upstream = `rt`, and the runtime's
     /// password as taskgate's own upstream credentials; `tweak` adjusts the config first.
     pub async fn start(
         rt: &Runtime,
@@ -926,7 +926,11 @@ impl Taskgate {
         config.upstream_auth.password = rt.password.clone();
         tweak(&mut config);
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(taskgate::proxy::run(listener, config, shutdown.clone()));
+        let task = tokio::spawn(taskgate::cmd::stack::run(
+            listener,
+            config,
+            shutdown.clone(),
+        ));
         Taskgate {
             url: format!("http://{addr}"),
             shutdown,
