@@ -559,7 +559,7 @@ mod tests {
 
     #[test]
     fn the_shipped_proxy_toml_is_valid_and_equals_the_defaults() {
-        let text = include_str!("../proxy.toml");
+        let text = include_str!("../../proxy.toml");
         let file = Config::from_toml_str("proxy.toml", text).expect("proxy.toml is valid");
         assert_eq!(
             file.to_redacted_toml(),
