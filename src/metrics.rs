@@ -35,6 +35,9 @@ pub struct Metrics {
     pub requests: Family<StatusClass, Counter>,
     /// Upstream failures by kind (unreachable, timeout, protocol).
     pub upstream_errors: Family<KindLabel, Counter>,
+    /// Requests refused or cut short by the client's fault, by kind (a malformed or aborted
+    /// body, duplicate `Host`, an admin request refused): never counted as upstream errors.
+    pub client_errors: Family<KindLabel, Counter>,
     /// Event streams open right now.
     pub sse_streams_open: Gauge,
     /// Body bytes relayed upstream → client.
@@ -75,6 +78,12 @@ impl Metrics {
             "upstream_errors",
             "Upstream failures by kind",
             upstream_errors.clone(),
+        );
+        let client_errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "client_errors",
+            "Requests failed by the client, by kind",
+            client_errors.clone(),
         );
         let sse_streams_open = Gauge::default();
         registry.register(
@@ -130,6 +139,7 @@ impl Metrics {
             registry: Arc::new(registry),
             requests,
             upstream_errors,
+            client_errors,
             sse_streams_open,
             bytes_to_client,
             bytes_to_upstream,

@@ -299,3 +299,41 @@ impl EventLog {
             .expect("root idle arrived");
     }
 }
+
+/// While a prompt is held, its row in `/_taskgate/holds` says what the latest read found (the
+/// bug this pins: every row said "waiting for the first read" until it ended).
+#[tokio::test]
+async fn a_hold_row_names_the_blocking_child_while_it_waits() {
+    let stack = stack(|_| {}).await;
+    let root = start(&stack.proxy, "bg-child").await;
+    let child = until_root_idle_child_busy(&stack.sim, &root).await;
+    let url = format!("{}/session/{root}/message", stack.proxy);
+    let held = tokio::spawn(async move {
+        call(
+            "POST",
+            &url,
+            Some(json!({"parts": [{"type": "text", "text": "anything else?"}]})),
+        )
+        .await
+    });
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let holds = get(&format!("{}/_taskgate/holds", stack.proxy)).await;
+        let row = holds["holds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["kind"] == "prompt")
+            .cloned();
+        if let Some(row) = row.filter(|r| r["reason"].as_str().unwrap_or("").contains(&child)) {
+            assert_eq!(row["verdict"], "running", "{row}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no hold row named the busy child {child}: {holds}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
+    }
+    held.abort();
+}

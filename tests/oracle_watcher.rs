@@ -373,8 +373,8 @@ async fn omo_without_wakes_is_released_once_the_tree_rests() {
         }
     );
     assert_eq!(
-        d.unanswered,
-        vec![CHILD.to_owned()],
+        d.unmatched,
+        vec![format!("background task {CHILD} not yet answered (rule 5)")],
         "says what was not matched"
     );
 }

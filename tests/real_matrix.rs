@@ -310,7 +310,7 @@ struct Cell {
     verdict: &'static str,
     /// A text the root's last answer must contain.
     answer: &'static str,
-    /// Whether the release must have matched every launch (no `unanswered` in the verdict).
+    /// Whether the release must have matched every launch (no `unmatched` in the verdict).
     matched: Option<bool>,
 }
 
@@ -406,13 +406,13 @@ where
     {
         problems.push(format!("taskgate wait: {verdict}"));
     }
-    let unanswered = verdict["unanswered"].as_array().map_or(0, Vec::len);
+    let unmatched = verdict["unmatched"].as_array().map_or(0, Vec::len);
     match cell.matched {
-        Some(true) if unanswered > 0 => problems.push(format!(
+        Some(true) if unmatched > 0 => problems.push(format!(
             "released by the liveness bound, not matched: {verdict}"
         )),
-        Some(false) if unanswered == 0 => {
-            problems.push(format!("the verdict names no unanswered launch: {verdict}"))
+        Some(false) if unmatched == 0 => {
+            problems.push(format!("the verdict names no unmatched launch: {verdict}"))
         }
         _ => {}
     }
@@ -425,8 +425,8 @@ where
         "through taskgate: exit {:?}, verdict {}{}, exit lag {}",
         out.status.code(),
         verdict["verdict"],
-        if unanswered > 0 {
-            format!(" ({unanswered} unanswered, liveness bound)")
+        if unmatched > 0 {
+            format!(" ({unmatched} unmatched, liveness bound)")
         } else {
             String::new()
         },

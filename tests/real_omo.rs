@@ -17,19 +17,16 @@ mod provider;
 #[path = "support/runtime.rs"]
 mod runtime;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use provider::{
     RecordedRequest, ScriptedProvider, Turn, OMO_CHILD_FINAL, OMO_CHILD_PARTIAL, OMO_PARENT_READ,
 };
 use runtime::{
-    http_post_json, omo_config, omo_plugin_or_skip, runtime_or_skip, Runtime, RuntimeBinary,
-    RuntimeOptions,
+    http_post_json, omo_config, omo_plugin_or_skip, plugin_url, runtime_or_skip, start_model_face,
+    Runtime, RuntimeBinary,
 };
 use serde_json::{json, Value};
-use taskgate::config::Config;
-use tokio_util::sync::CancellationToken;
 
 /// Bound for each step of the scenario; a run takes seconds (the plugin polls every 3 s).
 const STEP: Duration = Duration::from_secs(90);
@@ -41,36 +38,11 @@ const CLAIM_WINDOW: Duration = Duration::from_secs(8);
 fn runtime_and_plugin(test: &str) -> Option<(RuntimeBinary, String)> {
     let bin = runtime_or_skip(test)?;
     let plugin = omo_plugin_or_skip(test)?;
-    Some((bin, file_url(&plugin)))
+    Some((bin, plugin_url(&plugin)))
 }
 
-fn file_url(path: &Path) -> String {
-    format!("file://{}", path.display())
-}
-
-/// Starts the runtime with the plugin loaded and checks that it is: the plugin's agents are
-/// listed only once it registered them.
 async fn start_with_plugin(bin: &RuntimeBinary, plugin: &str, provider_base_url: &str) -> Runtime {
-    let opts = RuntimeOptions {
-        env: vec![("OMO_DISABLE_POSTHOG".into(), "1".into())],
-        plugins: vec![plugin.to_string()],
-        omo_config: Some(omo_config()),
-        ..RuntimeOptions::default()
-    };
-    let rt = Runtime::start(bin, provider_base_url, opts).await;
-    let agents = rt.get_json("/agent").await;
-    let names: Vec<&str> = agents
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a["name"].as_str())
-        .collect();
-    assert!(
-        names.contains(&"Sisyphus-Junior") && names.contains(&"explore"),
-        "oh-my-opencode is not loaded: agents {names:?}\n{}",
-        rt.logs()
-    );
-    rt
+    Runtime::start_with_omo(bin, plugin, provider_base_url, omo_config()).await
 }
 
 /// Creates a root session and prompts it with the scenario in the background (the prompt's
@@ -263,22 +235,7 @@ async fn through_the_model_face_the_parent_reads_the_truth_instead_of_the_premat
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let face_url = format!("http://{}/openai-chat", listener.local_addr().unwrap());
     let rt = start_with_plugin(&bin, &plugin, &face_url).await;
-    let config = Config::from_toml_str(
-        "test",
-        &format!(
-            "[proxy]\nupstream = \"{}\"\n[model]\nenabled = true\nopenai_chat = \"{}\"\nmax_hold = \"120s\"\n",
-            rt.url(),
-            provider.base_url()
-        ),
-    )
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(taskgate::model::run(
-        listener,
-        config,
-        None,
-        shutdown.clone(),
-    ));
+    let shutdown = start_model_face(listener, rt.url(), &provider.base_url(), "120s");
 
     let root = prompt_root(&rt, "face").await;
     // The runtime has run the tool: its output is the plugin's false claim, and the runtime's

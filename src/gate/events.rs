@@ -100,10 +100,18 @@ struct StreamGate {
     seq: u64,
     /// One oracle wait per target session.
     waits: HashMap<String, JoinHandle<()>>,
-    done_tx: mpsc::UnboundedSender<(String, Result<Decision, OracleError>)>,
-    done_rx: mpsc::UnboundedReceiver<(String, Result<Decision, OracleError>)>,
+    done_tx: mpsc::UnboundedSender<(String, Waited)>,
+    done_rx: mpsc::UnboundedReceiver<(String, Waited)>,
     /// `bg_…` → `ses_…` learned from launch results seen on this stream.
     links: Links,
+}
+
+/// What a target's wait reports to the relay.
+enum Waited {
+    /// A read on the way.
+    Read(Decision),
+    /// The end of the wait.
+    Done(Result<Decision, OracleError>),
 }
 
 /// The client is gone (or shutdown): stop relaying.
@@ -139,7 +147,13 @@ impl StreamGate {
             let step = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tx.closed() => break,
-                Some((target, outcome)) = self.done_rx.recv() => self.resolved(target, outcome).await,
+                Some((target, waited)) = self.done_rx.recv() => match waited {
+                    Waited::Read(decision) => {
+                        self.progress(&target, &decision);
+                        Ok(())
+                    }
+                    Waited::Done(outcome) => self.resolved(target, outcome).await,
+                },
                 frame = body.frame() => match frame {
                     None => {
                         if let Some(rest) = self.framer.finish() {
@@ -351,10 +365,24 @@ impl StreamGate {
         let deadline = Instant::now() + self.gate.inner.config.max_hold.0;
         let id = target.id.clone();
         let task = tokio::spawn(async move {
-            let outcome = oracle.wait_terminal(&target, Some(deadline)).await;
-            let _ = done.send((target.id, outcome));
+            let seen = |d: &Decision| {
+                let _ = done.send((target.id.clone(), Waited::Read(d.clone())));
+            };
+            let outcome = oracle
+                .wait_terminal_seeing(&target, Some(deadline), seen)
+                .await;
+            let _ = done.send((target.id.clone(), Waited::Done(outcome)));
         });
         self.waits.insert(id, task);
+    }
+
+    /// A read of `target`'s tree while frames wait on it: their hold rows show it.
+    fn progress(&self, target: &str, decision: &Decision) {
+        for held in self.held.values() {
+            if held.pending.iter().any(|p| p == target) {
+                held.guard.update(&decision.verdict);
+            }
+        }
     }
 
     /// A session went busy again: its held idles are dropped (a later idle takes their place).

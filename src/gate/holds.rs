@@ -90,6 +90,7 @@ impl Holds {
                 reason: "waiting for the first read".to_owned(),
             },
         );
+        tracing::info!(kind = kind.name(), session, child, "hold started");
         self.metrics.holds_open.inc();
         self.metrics
             .holds
@@ -99,6 +100,7 @@ impl Holds {
             holds: self.clone(),
             id,
             started: Instant::now(),
+            released: false,
         }
     }
 
@@ -119,6 +121,8 @@ pub struct HoldGuard {
     holds: Holds,
     id: u64,
     started: Instant,
+    /// Ended by [`HoldGuard::release`] (logged there) rather than dropped.
+    released: bool,
 }
 
 impl HoldGuard {
@@ -146,8 +150,20 @@ impl HoldGuard {
     }
 
     /// Ends the hold with `verdict`, counting the release and its duration.
-    pub fn release(self, verdict: &Verdict) -> u64 {
+    pub fn release(mut self, verdict: &Verdict) -> u64 {
+        self.released = true;
         let held = self.started.elapsed();
+        if let Some(row) = self.holds.lock().rows.get(&self.id) {
+            tracing::info!(
+                kind = row.kind.name(),
+                session = %row.session,
+                child = %row.child,
+                verdict = verdict.name(),
+                held_ms = held.as_millis() as u64,
+                reason = %crate::claims::render::reason(verdict),
+                "hold released"
+            );
+        }
         let metrics = &self.holds.metrics;
         metrics
             .releases
@@ -162,7 +178,17 @@ impl HoldGuard {
 
 impl Drop for HoldGuard {
     fn drop(&mut self) {
-        self.holds.lock().rows.remove(&self.id);
+        let row = self.holds.lock().rows.remove(&self.id);
+        if let Some(row) = row.filter(|_| !self.released) {
+            // The client went away, the stream ended, or taskgate stops.
+            tracing::info!(
+                kind = row.kind.name(),
+                session = %row.session,
+                child = %row.child,
+                held_ms = self.started.elapsed().as_millis() as u64,
+                "hold dropped"
+            );
+        }
         self.holds.metrics.holds_open.dec();
     }
 }

@@ -56,7 +56,9 @@ pub(super) async fn prompt(
                 Ok(reply) => {
                     mark(&mut parts.headers, reply.verdict, reply.held_ms);
                     if reply.body != original {
+                        // The latest message, as the oracle read it: plain JSON.
                         parts.headers.remove(header::CONTENT_LENGTH);
+                        parts.headers.remove(header::CONTENT_ENCODING);
                     }
                     Response::from_parts(parts, Body::from(reply.body))
                 }
@@ -89,6 +91,8 @@ pub(super) async fn prompt(
         }
     });
     parts.headers.remove(header::CONTENT_LENGTH);
+    // The body that follows may be the latest message as the oracle read it: plain JSON.
+    parts.headers.remove(header::CONTENT_ENCODING);
     parts
         .headers
         .insert("x-taskgate-verdict", HeaderValue::from_static("pending"));
@@ -115,7 +119,7 @@ async fn release_prompt(
     let inner = &gate.inner;
     let deadline = Instant::now() + inner.config.max_hold.0;
     let outcome = tokio::select! {
-        outcome = inner.oracle.wait_terminal(&session, Some(deadline)) => outcome,
+        outcome = inner.oracle.wait_terminal_seeing(&session, Some(deadline), |d| guard.update(&d.verdict)) => outcome,
         _ = inner.shutdown.cancelled() => Err(OracleError::Cancelled),
     };
     let decision = match outcome {

@@ -63,7 +63,15 @@ impl RuntimeClient {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.proxy.connect_timeout.0));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        // Held waiters can make hundreds of reads at once; afterwards their connections must
+        // not all stay open for good. Keep a few idle ones for the next round of reads, close
+        // the rest when they come back, and close any idle for 30 s (below common keep-alive
+        // limits, so the pool never hands out one the runtime is closing, hyper#2136).
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(16)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector);
         let authorization = config.upstream_auth.password.as_ref().and_then(|password| {
             let token = base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{password}", config.upstream_auth.username));

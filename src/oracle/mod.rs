@@ -9,7 +9,6 @@
 pub mod client;
 mod read;
 pub mod rule;
-mod wait;
 pub mod watcher;
 
 use std::collections::HashMap;
@@ -25,8 +24,6 @@ use crate::config::Config;
 
 use client::{ClientError, RuntimeClient};
 use watcher::WatchState;
-
-pub use wait::wait_command;
 
 /// Most sessions one tree read follows; a runaway tree is cut rather than read forever.
 const MAX_TREE: usize = 500;
@@ -107,10 +104,10 @@ pub struct Decision {
     /// `background: true` task or an oh-my-opencode launch).
     /// Only such trees wait out the settle window.
     pub background: bool,
-    /// Children whose background launch was never seen answered. Set when the tree was
-    /// released by the liveness bound (it rested `gate.rest_bound` with nothing else open).
+    /// What the rule could not match, one reason per session, when the tree was released by
+    /// the liveness bound (at rest, nothing moving, for `gate.rest_bound`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub unanswered: Vec<String>,
+    pub unmatched: Vec<String>,
     pub sessions: Vec<SessionSummary>,
 }
 
@@ -160,7 +157,7 @@ struct Reading {
     error: Option<ClientError>,
     /// Since when the tree has been at rest with only clause 5 unmatched, and the tree's last
     /// activity then: a later read with the same activity keeps the same start.
-    rest: Option<(Instant, Option<i64>)>,
+    rest: Option<(Instant, rule::Activity)>,
 }
 
 /// How fresh a shared read must be for a caller to reuse it.
@@ -255,6 +252,17 @@ impl Oracle {
         session: &SessionRef,
         deadline: Option<Instant>,
     ) -> Result<Decision, OracleError> {
+        self.wait_terminal_seeing(session, deadline, |_| {}).await
+    }
+
+    /// [`Oracle::wait_terminal`], telling `progress` every decision read on the way (what a
+    /// hold row shows while it waits).
+    pub async fn wait_terminal_seeing(
+        &self,
+        session: &SessionRef,
+        deadline: Option<Instant>,
+        progress: impl Fn(&Decision),
+    ) -> Result<Decision, OracleError> {
         let mut changes = self.inner.state.subscribe();
         let mut last: Option<Decision> = None;
         let past_deadline = |last: Option<Decision>, reading: Option<&Reading>| {
@@ -274,6 +282,7 @@ impl Oracle {
                 _ = sleep_until_opt(deadline) => return Err(past_deadline(last, None)),
                 _ = self.inner.shutdown.cancelled() => return Err(OracleError::Cancelled),
             };
+            progress(&reading.decision);
             // Never wait out something that cannot come: refused credentials are a
             // configuration error at once; an unreachable runtime, after the liveness bound.
             match &reading.error {
@@ -458,13 +467,13 @@ impl Oracle {
                 // The liveness bound: a tree at rest with only clause 5 unmatched is given
                 // the verdict it would have without that clause once it has rested long enough.
                 let rest = tree.at_rest.as_ref().map(|_| match previous_rest {
-                    Some((since, activity)) if activity == tree.last_activity => (since, activity),
-                    _ => (started, tree.last_activity),
+                    Some((since, activity)) if activity == tree.activity => (since, activity),
+                    _ => (started, tree.activity),
                 });
                 if let (Some(at_rest), Some((since, _))) = (tree.at_rest, rest) {
                     if started.saturating_duration_since(since) >= self.inner.rest_bound {
                         decision.verdict = at_rest.verdict;
-                        decision.unanswered = at_rest.unanswered;
+                        decision.unmatched = at_rest.unmatched;
                     }
                 }
                 Reading {
@@ -496,7 +505,7 @@ fn unknown(reason: &str) -> Decision {
             reason: reason.to_owned(),
         },
         background: false,
-        unanswered: Vec::new(),
+        unmatched: Vec::new(),
         sessions: Vec::new(),
     }
 }

@@ -139,11 +139,11 @@ impl Oracle {
             decision: Decision {
                 verdict: judgement.verdict,
                 background: judgement.background,
-                unanswered: Vec::new(),
+                unmatched: Vec::new(),
                 sessions: summaries,
             },
             at_rest: judgement.at_rest,
-            last_activity: judgement.last_activity,
+            activity: judgement.activity,
         })
     }
 }
@@ -154,7 +154,7 @@ pub(super) struct TreeRead {
     pub ids: Vec<String>,
     pub decision: Decision,
     pub at_rest: Option<rule::AtRest>,
-    pub last_activity: Option<i64>,
+    pub activity: rule::Activity,
 }
 
 impl TreeRead {
@@ -166,11 +166,11 @@ impl TreeRead {
                     session: root.to_owned(),
                 },
                 background: false,
-                unanswered: Vec::new(),
+                unmatched: Vec::new(),
                 sessions: Vec::new(),
             },
             at_rest: None,
-            last_activity: None,
+            activity: rule::Activity::default(),
         }
     }
 }

@@ -39,22 +39,31 @@ pub struct Judgement {
     pub verdict: Verdict,
     /// Some session launched background work: only such trees wait out the settle window.
     pub background: bool,
-    /// Set when the tree is wholly at rest (clauses 1-3 hold for every session) and only
-    /// clause 5 keeps it running: the verdict it gets once it has rested for the liveness
-    /// bound, and the launches whose answer was never seen.
+    /// Set when the tree is wholly at rest (no session busy or retrying in the status map, no
+    /// prompt accepted and not started) and yet some clause is unmatched: the verdict it gets
+    /// once it has rested for the liveness bound, and what was not matched.
     pub at_rest: Option<AtRest>,
-    /// The newest `time.created`/`time.completed` of any message in the tree (the runtime's
-    /// clock): while it does not move, the tree has not moved.
-    pub last_activity: Option<i64>,
+    /// What moves when anything in the tree moves: the newest `time.created`/`time.completed`
+    /// of any message (the runtime's clock), and the number of sessions and messages. While it
+    /// stays the same, the tree has not moved.
+    pub activity: Activity,
 }
 
-/// A tree at rest that clause 5 alone keeps running.
+/// See [`Judgement::activity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Activity {
+    pub newest: Option<i64>,
+    pub count: usize,
+}
+
+/// A tree at rest that some clause still keeps running.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AtRest {
-    /// The verdict with clause 5 set aside.
+    /// The verdict with the unmatched clauses set aside.
     pub verdict: Verdict,
-    /// The children whose launch was never seen answered.
-    pub unanswered: Vec<String>,
+    /// What was not matched, one reason per session (`background task ses_c not yet answered
+    /// (rule 5)`, `ses_g has not started yet (rule 1)`).
+    pub unmatched: Vec<String>,
 }
 
 /// How one session ended, when it did.
@@ -66,10 +75,13 @@ enum Outcome {
 
 /// Why one session is not terminal.
 enum NotDone {
-    /// Clauses 1-3: the session works, or a turn or tool call is open.
+    /// The runtime shows the session working: busy, retrying, or an unknown status in the
+    /// status map, or a prompt taskgate saw accepted and the runtime has not started.
     Working(String),
-    /// Clause 5 alone: the session is at rest, but a background launch is not answered.
-    Unanswered { child: String, reason: String },
+    /// The session is idle, but a clause is unmatched: not started, a user message pending, a
+    /// turn or tool call left open, a background launch not answered. Normally the runtime
+    /// moves on within moments; if nothing moves for the liveness bound, nothing will.
+    Resting(String),
 }
 
 /// Applies the terminal rule to `tree`.
@@ -85,7 +97,7 @@ pub fn judge(tree: &TreeSnapshot) -> Judgement {
             },
             background: false,
             at_rest: None,
-            last_activity: None,
+            activity: Activity::default(),
         };
     };
     // Breadth-first from the root, so depth is known and a cycle cannot loop.
@@ -106,15 +118,18 @@ pub fn judge(tree: &TreeSnapshot) -> Judgement {
     let background = order
         .iter()
         .any(|(s, _)| launches(&s.messages).next().is_some());
-    let last_activity = order
-        .iter()
-        .flat_map(|(s, _)| s.messages.iter())
-        .flat_map(|m| [m.info.time.created, m.info.time.completed])
-        .flatten()
-        .max();
+    let messages = order.iter().flat_map(|(s, _)| s.messages.iter());
+    let activity = Activity {
+        newest: messages
+            .clone()
+            .flat_map(|m| [m.info.time.created, m.info.time.completed])
+            .flatten()
+            .max(),
+        count: order.len() + messages.count(),
+    };
     let mut working: Option<(usize, String, String)> = None;
-    let mut unanswered: Option<(usize, String, String)> = None;
-    let mut unanswered_children = Vec::new();
+    let mut resting: Option<(usize, String, String)> = None;
+    let mut unmatched = Vec::new();
     let mut aborted = None;
     let mut failed = None;
     let deepest = |slot: &mut Option<(usize, String, String)>, depth: usize, id: &str, why| {
@@ -128,9 +143,9 @@ pub fn judge(tree: &TreeSnapshot) -> Judgement {
                 deepest(&mut working, *depth, &s.info.id, reason);
                 continue;
             }
-            Err(NotDone::Unanswered { child, reason }) => {
-                deepest(&mut unanswered, *depth, &s.info.id, reason);
-                unanswered_children.push(child);
+            Err(NotDone::Resting(reason)) => {
+                deepest(&mut resting, *depth, &s.info.id, reason.clone());
+                unmatched.push(reason);
                 // Set aside, the session ended as its last message says.
                 outcome_of(s)
             }
@@ -151,13 +166,13 @@ pub fn judge(tree: &TreeSnapshot) -> Judgement {
             text: final_text(&root.messages),
         }
     };
-    let (verdict, at_rest) = match (working, unanswered) {
+    let (verdict, at_rest) = match (working, resting) {
         (Some((_, session, reason)), _) => (Verdict::Running { session, reason }, None),
         (None, Some((_, session, reason))) => (
             Verdict::Running { session, reason },
             Some(AtRest {
                 verdict: settled,
-                unanswered: unanswered_children,
+                unmatched,
             }),
         ),
         (None, None) => (settled, None),
@@ -166,7 +181,7 @@ pub fn judge(tree: &TreeSnapshot) -> Judgement {
         verdict,
         background,
         at_rest,
-        last_activity,
+        activity,
     }
 }
 
@@ -215,6 +230,7 @@ fn launches(
 fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, NotDone> {
     let id = &s.info.id;
     let working = |why: String| Err(NotDone::Working(why));
+    let resting = |why: String| Err(NotDone::Resting(why));
     // Rule 1: not busy, and started.
     if let Some(status) = s.status.as_ref().filter(|st| !st.is_idle()) {
         return working(match status {
@@ -230,17 +246,17 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, No
     }
     let answered_once = s.messages.iter().any(|m| m.info.is_assistant());
     if !s.seen_busy && !answered_once {
-        return working(format!("{id} has not started yet (rule 1)"));
+        return resting(format!("{id} has not started yet (rule 1)"));
     }
     // Rule 2: the last message is an assistant message that ended the turn.
     let Some(last) = s.messages.last() else {
-        return working(format!("{id} has no messages yet (rule 2)"));
+        return resting(format!("{id} has no messages yet (rule 2)"));
     };
     if last.info.is_user() {
-        return working(format!("{id} has a user message pending (rule 2)"));
+        return resting(format!("{id} has a user message pending (rule 2)"));
     }
     if !last.info.ends_turn() {
-        return working(format!("{id} has not finished its turn (rule 2)"));
+        return resting(format!("{id} has not finished its turn (rule 2)"));
     }
     // Rule 3: no tool call still open.
     for m in &s.messages {
@@ -250,7 +266,7 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, No
             .filter_map(|p| p.as_tool())
             .find(|t| t.is_open())
         {
-            return working(format!("{id} has tool call {} still open (rule 3)", t.tool));
+            return resting(format!("{id} has tool call {} still open (rule 3)", t.tool));
         }
     }
     // Rule 5: every background launch answered.
@@ -260,10 +276,10 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, No
             LaunchStyle::OhMyOpencode { .. } => omo_answered(tree, s, at, &launch.child),
         } || child_aborted(tree, &launch.child);
         if !answered {
-            return Err(NotDone::Unanswered {
-                reason: format!("background task {} not yet answered (rule 5)", launch.child),
-                child: launch.child,
-            });
+            return resting(format!(
+                "background task {} not yet answered (rule 5)",
+                launch.child
+            ));
         }
     }
     Ok(outcome_of(s))
@@ -634,7 +650,7 @@ mod tests {
             }
         );
         assert_eq!(j.at_rest, None);
-        assert_eq!(j.last_activity, Some(9));
+        assert_eq!(j.activity.newest, Some(9));
     }
 
     /// Clause 5 alone keeps a resting tree running; the judgement says so, with the verdict
@@ -663,7 +679,7 @@ mod tests {
                 verdict: Verdict::Completed {
                     text: Some("launched".into())
                 },
-                unanswered: vec![CHILD.to_owned()],
+                unmatched: vec!["background task ses_child not yet answered (rule 5)".to_owned()],
             })
         );
         // A failed child is still failed once the tree has rested.

@@ -9,6 +9,13 @@
 //! - `GET /_taskgate/holds`: what the gate holds now (`{"holds":[]}` with the gate off).
 //!
 //! Anything else under the prefix is a 404 JSON error; another method on a known path, 405.
+//!
+//! Who may ask ([`access`]): without `proxy.admin_token`, loopback peers only (403 to others):
+//! the configuration, the holds and the metrics describe the user's sessions, and taskgate may
+//! listen on an address other hosts reach. With a token, any peer that sends
+//! `Authorization: Bearer <token>` (RFC 6750 §2.1) and no other (401).
+
+use std::net::{IpAddr, SocketAddr};
 
 use axum::body::Body;
 use base64::Engine as _;
@@ -24,7 +31,85 @@ use super::ProxyState;
 /// The most of the runtime's health answer that is read (it is a few dozen bytes).
 const HEALTH_BODY_LIMIT: usize = 64 * 1024;
 
-pub async fn handle(state: &ProxyState, req: Request<Incoming>) -> Response<Body> {
+/// Whether a request may use the admin endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Allowed,
+    /// No token is configured and the peer is not on loopback.
+    Forbidden,
+    /// A token is configured and the request does not bear it.
+    Unauthorized,
+}
+
+/// Decides [`Access`] from the peer's address, the configured token and the request's
+/// `Authorization` header. Pure, so every case is tested without another network namespace.
+pub fn access(peer: IpAddr, token: Option<&str>, authorization: Option<&HeaderValue>) -> Access {
+    match token {
+        None if is_loopback(peer) => Access::Allowed,
+        None => Access::Forbidden,
+        Some(token) => {
+            let offered = authorization
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.split_once(' '))
+                // RFC 9110 §11.1: the scheme is case-insensitive.
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, credentials)| credentials.trim_start_matches(' '));
+            match offered {
+                Some(offered) if same_secret(offered.as_bytes(), token.as_bytes()) => {
+                    Access::Allowed
+                }
+                _ => Access::Unauthorized,
+            }
+        }
+    }
+}
+
+/// `127.0.0.0/8`, `::1`, and loopback reached over an IPv4-mapped IPv6 socket.
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Compares in time independent of where the inputs differ, so response timing does not
+/// reveal the token a byte at a time.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub async fn handle(
+    state: &ProxyState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let token = state.config().proxy.admin_token.as_deref();
+    match access(peer.ip(), token, req.headers().get(header::AUTHORIZATION)) {
+        Access::Allowed => {}
+        Access::Forbidden => {
+            return super::forward::client_error(
+                state,
+                StatusCode::FORBIDDEN,
+                "admin_forbidden",
+                "taskgate endpoints answer loopback clients only; set proxy.admin_token to allow others",
+            );
+        }
+        Access::Unauthorized => {
+            let mut response = super::forward::client_error(
+                state,
+                StatusCode::UNAUTHORIZED,
+                "admin_unauthorized",
+                "taskgate endpoints need Authorization: Bearer <proxy.admin_token>",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"taskgate\""),
+            );
+            return response;
+        }
+    }
     let endpoint = req
         .uri()
         .path()
@@ -146,4 +231,72 @@ async fn health(state: &ProxyState) -> Response<Body> {
         body["upstream"]["log"] = json!(log.display().to_string());
     }
     json_response(status, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn bearer(text: &str) -> HeaderValue {
+        HeaderValue::from_str(text).unwrap()
+    }
+
+    /// From another network namespace every admin endpoint answered 200.
+    #[test]
+    fn admin_endpoints_refuse_non_loopback_peers_without_a_token() {
+        for peer in ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(access(ip(peer), None, None), Access::Allowed, "{peer}");
+        }
+        for peer in [
+            "10.0.0.2",
+            "192.168.1.5",
+            "::ffff:10.0.0.2",
+            "fe80::1",
+            "0.0.0.0",
+            "::",
+        ] {
+            assert_eq!(access(ip(peer), None, None), Access::Forbidden, "{peer}");
+            // A header alone opens nothing when no token is configured.
+            let offered = bearer("Bearer anything");
+            assert_eq!(access(ip(peer), None, Some(&offered)), Access::Forbidden);
+        }
+    }
+
+    #[test]
+    fn with_a_token_only_requests_bearing_it_are_allowed_from_any_peer() {
+        let token = Some("s3cret-token");
+        for peer in ["10.0.0.2", "127.0.0.1", "::1"] {
+            let peer = ip(peer);
+            for good in [
+                "Bearer s3cret-token",
+                "bearer s3cret-token",
+                "BEARER  s3cret-token",
+            ] {
+                assert_eq!(
+                    access(peer, token, Some(&bearer(good))),
+                    Access::Allowed,
+                    "{good}"
+                );
+            }
+            for bad in [
+                "Bearer s3cret-toke",
+                "Bearer s3cret-token2",
+                "Basic s3cret-token",
+                "s3cret-token",
+                "Bearer",
+                "",
+            ] {
+                assert_eq!(
+                    access(peer, token, Some(&bearer(bad))),
+                    Access::Unauthorized,
+                    "{bad}"
+                );
+            }
+            assert_eq!(access(peer, token, None), Access::Unauthorized);
+        }
+    }
 }

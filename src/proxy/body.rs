@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use axum::body::Body;
@@ -42,6 +44,8 @@ pub struct Relay {
     /// Held, never read: its drop is the end of an open stream, whether it ended, failed or
     /// the client went away.
     _open: Option<GaugeGuard>,
+    /// Set when the inner body fails (for a request body: the client's fault, not the runtime's).
+    failed: Option<Arc<AtomicBool>>,
 }
 
 impl Relay {
@@ -51,7 +55,15 @@ impl Relay {
             bytes,
             end_on: None,
             _open: None,
+            failed: None,
         }
+    }
+
+    /// Records in `flag` whether the inner body failed, so a forward that fails because the
+    /// client's body broke is not blamed on the runtime.
+    pub fn flag_failure(mut self, flag: Arc<AtomicBool>) -> Relay {
+        self.failed = Some(flag);
+        self
     }
 
     /// Makes this a long-lived stream: it counts as open in `gauge` and ends at `shutdown`.
@@ -80,10 +92,18 @@ impl http_body::Body for Relay {
             }
         }
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let Some(Ok(frame)) = &frame {
-            if let Some(data) = frame.data_ref() {
-                self.bytes.inc_by(data.len() as u64);
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes.inc_by(data.len() as u64);
+                }
             }
+            Some(Err(_)) => {
+                if let Some(flag) = &self.failed {
+                    flag.store(true, Ordering::SeqCst);
+                }
+            }
+            None => {}
         }
         Poll::Ready(frame)
     }

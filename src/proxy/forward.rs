@@ -14,6 +14,8 @@
 //! [`Relay`] passes through, so a sized body stays sized and a chunked one stays chunked.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -25,6 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use super::body::Relay;
 use super::error::ProxyError;
+use super::socket::Abandon;
 use super::{headers, upgrade, ProxyState};
 use crate::metrics::{KindLabel, StatusClass};
 
@@ -90,14 +93,31 @@ pub async fn forward(
     if intercept.is_some() {
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
-    let body = Body::new(Relay::new(
-        Body::new(body),
-        metrics.bytes_to_upstream.clone(),
-    ));
-    let upstream_req = Request::from_parts(parts, body);
+    let body_failed = Arc::new(AtomicBool::new(false));
+    let body = Body::new(
+        Relay::new(Body::new(body), metrics.bytes_to_upstream.clone())
+            .flag_failure(body_failed.clone()),
+    );
+    let mut upstream_req = Request::from_parts(parts, body);
 
-    let mut response = match state.client().request(upstream_req).await {
+    // Until the runtime answers, a client that goes away (this future dropped) aborts the
+    // upstream connection outright: see `socket::Abandon`.
+    let abandon = Abandon::arm(&mut upstream_req);
+    let result = state.client().request(upstream_req).await;
+    abandon.disarm();
+    let mut response = match result {
         Ok(response) => response,
+        // The client's body broke (it left mid-upload, or sent malformed chunked framing):
+        // the exchange failed on the client's side, not the runtime's.
+        Err(e) if body_failed.load(Ordering::SeqCst) => {
+            tracing::info!(%method, %path, error = ?e, "client request body failed; request abandoned");
+            return client_error(
+                state,
+                StatusCode::BAD_REQUEST,
+                "client_body",
+                "the request body ended early or was malformed",
+            );
+        }
         Err(e) => {
             let error = ProxyError::from_client(&e);
             tracing::warn!(%method, %path, kind = error.kind(), error = ?e, "upstream request failed");
@@ -170,6 +190,33 @@ fn finish(
     let response = error.into_response(&state.config().proxy.upstream);
     record(state, response.status(), method, path, started);
     response
+}
+
+/// Answers a request that failed by the client's fault with a JSON error, counted under
+/// `taskgate_client_errors_total{kind}` (and the request counter's 4xx), never as an upstream
+/// error.
+pub fn client_error(
+    state: &ProxyState,
+    status: StatusCode,
+    kind: &'static str,
+    message: &str,
+) -> Response<Body> {
+    state
+        .metrics()
+        .client_errors
+        .get_or_create(&KindLabel { kind })
+        .inc();
+    state
+        .metrics()
+        .requests
+        .get_or_create(&StatusClass {
+            class: status_class(status),
+        })
+        .inc();
+    super::error::json_response(
+        status,
+        &serde_json::json!({"error": {"kind": kind, "message": message}}),
+    )
 }
 
 fn record(

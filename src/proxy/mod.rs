@@ -7,13 +7,17 @@
 //! `axum::serve` 0.8 neither bounds nor tracks.
 //!
 //! Module map: [`headers`] (pure header policy), [`forward`] (the request path), [`body`]
-//! (metered pass-through bodies), [`upgrade`] (WebSocket tunnels), [`admin`], [`error`].
+//! (metered pass-through bodies), [`upgrade`] (WebSocket tunnels), [`admin`], [`error`],
+//! [`limits`] (connection cap, idle connections, accept back-off), [`socket`] (noticing a
+//! client or runtime that is gone while nobody reads).
 
 pub mod admin;
 pub mod body;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod limits;
+pub mod socket;
 pub mod upgrade;
 
 use std::convert::Infallible;
@@ -25,11 +29,12 @@ use axum::body::Body;
 use http::uri::Authority;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +55,7 @@ pub const ADMIN_PREFIX: &str = "/_taskgate";
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The pooled client used for every forwarded request and for the health probe.
-pub type UpstreamClient = Client<HttpConnector, Body>;
+pub type UpstreamClient = Client<socket::UpstreamConnector, Body>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -94,7 +99,7 @@ impl ProxyState {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
-            .build(connector);
+            .build(socket::UpstreamConnector(connector));
         Ok(ProxyState {
             inner: Arc::new(StateInner {
                 config,
@@ -137,25 +142,9 @@ struct Server {
 }
 
 /// Serves the proxy on `listener` until `shutdown` is cancelled, then drains in-flight requests
-/// for at most `proxy.shutdown_grace`.
-///
-/// With `gate.enabled` the completion gate (and the oracle it asks) is started here.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    let oracle = config.gate.enabled.then(|| {
-        let oracle = crate::oracle::Oracle::new(&config);
-        oracle.start(shutdown.clone());
-        oracle
-    });
-    run_with_oracle(listener, config, oracle, shutdown).await
-}
-
-/// [`run`] with an oracle the caller started and shares (with the model face, so one runtime
-/// is watched once and each tree read once per interval for both faces). The gate is on when
-/// `gate.enabled` and an oracle is given.
+/// for at most `proxy.shutdown_grace`. The gate is on when `gate.enabled` and an oracle is
+/// given; the oracle is the caller's (the composition root, `crate::cmd::stack`, shares it
+/// with the model face).
 pub async fn run_with_oracle(
     listener: TcpListener,
     config: Config,
@@ -172,6 +161,11 @@ pub async fn run_with_oracle(
 
 /// Serves `state` on `listener` until `shutdown` is cancelled.
 ///
+/// At most `proxy.max_connections` client connections are served at once (lowered to what the
+/// open-file limit allows, see [`limits::connection_cap`]); beyond it the loop stops accepting
+/// and new connections wait in the kernel's listen backlog until one closes. The header-read
+/// and idle timeouts make sure slots free up: a client that sends nothing useful cannot keep one.
+///
 /// Shutdown, in order: stop accepting; tell every connection to finish its current exchange and
 /// close (idle keep-alive connections close at once); end event streams and upgrade tunnels,
 /// which would never end by themselves; wait for the rest up to `proxy.shutdown_grace`; then
@@ -182,28 +176,46 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let grace = state.config().proxy.shutdown_grace.0;
+    let slots = Arc::new(Semaphore::new(limits::connection_cap(
+        state.config().proxy.max_connections,
+    )));
     let server = Arc::new(Server {
         state,
         shutdown: shutdown.clone(),
         tunnels: TaskTracker::new(),
     });
     let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
+    let mut backoff = limits::AcceptBackoff::default();
+    'serving: loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break 'serving,
             // Reap finished connection tasks so the set does not grow without bound.
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    connections.spawn(serve_connection(server.clone(), stream, peer));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: the error repeats at once, so
-                    // back off briefly instead of spinning (axum::serve does the same).
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break 'serving, // never closed
             },
+        };
+        let accepted = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break 'serving,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => break accepted,
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff.reset();
+                connections.spawn(serve_connection(server.clone(), stream, peer, slot));
+            }
+            Err(e) => {
+                let delay = backoff.failed(&e);
+                drop(slot);
+                tokio::select! {
+                    () = shutdown.cancelled() => break 'serving,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
         }
     }
     drop(listener);
@@ -232,27 +244,61 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one client connection until it closes, or until shutdown lets its current exchange
-/// finish.
-async fn serve_connection(server: Arc<Server>, stream: TcpStream, peer: SocketAddr) {
-    // Without it, Nagle can hold back a small SSE frame until the next one arrives.
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
+/// Serves one client connection until it closes, is idle for `proxy.idle_timeout`, takes longer
+/// than `proxy.header_read_timeout` to send a request head, is reset by the client, or until
+/// shutdown lets its current exchange finish. `_slot` is its place under the connection cap.
+async fn serve_connection(
+    server: Arc<Server>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _slot: OwnedSemaphorePermit,
+) {
+    let io = socket::ClientIo::new(stream);
+    let watched = io.watch();
     let shutdown = server.shutdown.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
-        let server = server.clone();
-        async move { Ok::<_, Infallible>(handle(&server, peer, req).await) }
-    });
+    let proxy = &server.state.config().proxy;
+    let (header_read_timeout, idle_timeout) = (proxy.header_read_timeout.0, proxy.idle_timeout.0);
+    let activity = limits::Activity::default();
+    let service = {
+        let (server, activity) = (server.clone(), activity.clone());
+        service_fn(move |req: Request<Incoming>| {
+            let server = server.clone();
+            let in_flight = activity.begin();
+            async move {
+                let response = handle(&server, peer, req).await;
+                Ok::<_, Infallible>(
+                    response.map(|body| Body::new(limits::Tracked::new(body, in_flight))),
+                )
+            }
+        })
+    };
+    // hyper's header timer runs whenever the connection waits for a request head, from the
+    // first byte or none; it needs a timer to run at all (without one it is silently off).
     let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = shutdown.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = activity.idle_for(idle_timeout), if !closing => {
+                tracing::debug!(%peer, "closing an idle client connection");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = socket::client_gone(&watched) => {
+                // Dropping the connection drops its in-flight request, and with it the
+                // upstream request: the runtime sees the cancellation.
+                tracing::debug!(%peer, "client connection reset; cancelling its exchange");
+                return;
+            }
         }
     };
     if let Err(e) = result {
@@ -261,9 +307,25 @@ async fn serve_connection(server: Arc<Server>, stream: TcpStream, peer: SocketAd
 }
 
 async fn handle(server: &Server, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    // RFC 9112 §3.2: a server MUST answer 400 to a request with more than one Host field line
+    // (which name would the runtime use?).
+    if req
+        .headers()
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return forward::client_error(
+            &server.state,
+            StatusCode::BAD_REQUEST,
+            "duplicate_host",
+            "the request has more than one Host header",
+        );
+    }
     let path = req.uri().path();
     if path == ADMIN_PREFIX || path.starts_with("/_taskgate/") {
-        admin::handle(&server.state, req).await
+        admin::handle(&server.state, peer, req).await
     } else {
         forward::forward(&server.state, &server.shutdown, &server.tunnels, peer, req).await
     }

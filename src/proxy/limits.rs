@@ -1,0 +1,242 @@
+//! What bounds the client side: how many connections are served at once, how long one may sit
+//! idle, and how the accept loop behaves when the process runs out of descriptors.
+
+use std::io;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Descriptors kept back from the connection cap for everything else: the listeners, the
+/// oracle's connections, the runtime's log under `wrap`, the runtime's pool spares.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// The connection cap actually applied: `configured`, lowered to what the open-file limit
+/// allows. Each served client connection costs two descriptors (the client's and one to the
+/// runtime), so beyond `(limit - reserve) / 2` accepting would run out of descriptors and then
+/// lock out everyone, `/_taskgate/health` included. The soft limit is first raised to the hard
+/// one, as the Go runtime does, since the default soft limit (often 1024) is a relic.
+pub fn connection_cap(configured: usize) -> usize {
+    let limit = raise_open_file_limit();
+    let Some(limit) = limit else {
+        return configured;
+    };
+    let affordable = usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if affordable < configured {
+        tracing::warn!(
+            max_connections = configured,
+            open_file_limit = limit,
+            applied = affordable,
+            "proxy.max_connections lowered to what the open-file limit allows (raise ulimit -n)"
+        );
+    }
+    configured.min(affordable)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the soft limit now in force
+/// (`None` when unknown or unlimited).
+#[cfg(unix)]
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by reference.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not on every unix.
+    (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur as u64)
+}
+
+#[cfg(not(unix))]
+fn raise_open_file_limit() -> Option<u64> {
+    None
+}
+
+/// Backs off when `accept` fails. Out of descriptors (EMFILE/ENFILE) or buffers, the error
+/// repeats at once for as long as the shortage lasts; retrying every 50 ms logged a warning
+/// 20 times a second. The wait doubles from 10 ms to 1 s while failures go on, and one warning
+/// is logged per 10 s with the count of failures since.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    delay: Option<Duration>,
+    failures: u64,
+    last_warned: Option<Instant>,
+}
+
+const FIRST_DELAY: Duration = Duration::from_millis(10);
+const MAX_DELAY: Duration = Duration::from_secs(1);
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl AcceptBackoff {
+    /// An accept succeeded: the shortage is over.
+    pub fn reset(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "accepting connections again");
+        }
+        *self = AcceptBackoff::default();
+    }
+
+    /// Records a failed accept and returns how long to wait before the next one. Errors that
+    /// concern only the connection being accepted (it was reset in the queue) need no wait.
+    pub fn failed(&mut self, error: &io::Error) -> Duration {
+        if matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::Interrupted
+        ) {
+            tracing::debug!(%error, "accept failed for one connection");
+            return Duration::ZERO;
+        }
+        self.failures += 1;
+        let now = Instant::now();
+        if self
+            .last_warned
+            .is_none_or(|at| now.duration_since(at) >= WARN_EVERY)
+        {
+            tracing::warn!(%error, failures = self.failures, "accept failed; backing off");
+            self.last_warned = Some(now);
+        }
+        let delay = self.delay.map_or(FIRST_DELAY, |d| (d * 2).min(MAX_DELAY));
+        self.delay = Some(delay);
+        delay
+    }
+}
+
+/// The requests of one client connection still in flight (from the request head until the
+/// response body is dropped), so that a connection can be closed after `proxy.idle_timeout`
+/// with nothing in flight.
+#[derive(Clone)]
+pub struct Activity(watch::Sender<usize>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity(watch::Sender::new(0))
+    }
+}
+
+impl Activity {
+    /// Marks a request in flight until the returned guard is dropped.
+    pub fn begin(&self) -> InFlight {
+        self.0.send_modify(|n| *n += 1);
+        InFlight(self.0.clone())
+    }
+
+    /// Resolves once nothing has been in flight for `idle`. Cancel safe.
+    pub async fn idle_for(&self, idle: Duration) {
+        let mut seen = self.0.subscribe();
+        loop {
+            if seen.wait_for(|n| *n == 0).await.is_err() {
+                return;
+            }
+            // Any change (a request began, even one that already ended) restarts the wait.
+            match tokio::time::timeout(idle, seen.changed()).await {
+                Err(_) => return,
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+            }
+        }
+    }
+}
+
+/// One request in flight; see [`Activity`].
+pub struct InFlight(watch::Sender<usize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A response body that keeps its request counted in flight until hyper has written it all
+/// (or dropped it). Frames, size hint and end of stream are the inner body's own.
+pub struct Tracked {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl Tracked {
+    pub fn new(inner: Body, in_flight: InFlight) -> Tracked {
+        Tracked {
+            inner,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failure storm: one warning, then a wait that grows to a second instead of a spin.
+    #[test]
+    fn accept_failures_back_off_up_to_a_second() {
+        let mut backoff = AcceptBackoff::default();
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let delays: Vec<Duration> = (0..10).map(|_| backoff.failed(&emfile)).collect();
+        assert_eq!(delays[0], FIRST_DELAY);
+        assert!(delays.windows(2).all(|w| w[1] >= w[0]), "{delays:?}");
+        assert_eq!(*delays.last().unwrap(), MAX_DELAY);
+        backoff.reset();
+        assert_eq!(backoff.failed(&emfile), FIRST_DELAY);
+        let reset = io::Error::from(io::ErrorKind::ConnectionAborted);
+        assert_eq!(backoff.failed(&reset), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn idle_for_waits_while_a_request_is_in_flight() {
+        let activity = Activity::default();
+        let guard = activity.begin();
+        let idle = activity.idle_for(Duration::from_millis(20));
+        tokio::pin!(idle);
+        // Busy: not idle, many idle periods later.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), idle.as_mut())
+                .await
+                .is_err()
+        );
+        drop(guard);
+        tokio::time::timeout(Duration::from_secs(10), idle)
+            .await
+            .expect("idle once the request ended");
+    }
+}
