@@ -23,9 +23,8 @@
 //! oracle. The oracle knows nothing of HTTP clients; the proxy never decides what is terminal.
 
 pub mod claims;
-pub mod cli;
+pub mod cmd;
 pub mod config;
-pub mod demo;
 pub mod gate;
 pub mod metrics;
 pub mod model;

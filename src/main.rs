@@ -1,8 +1,8 @@
-//! The `taskgate` binary: parse the command line, hand over to [`taskgate::cli`].
+//! The `taskgate` binary: parse the command line, hand over to [`taskgate::cmd`].
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = taskgate::cli::Cli::parse();
-    taskgate::cli::main(cli)
+    let cli = taskgate::cmd::Cli::parse();
+    taskgate::cmd::main(cli)
 }

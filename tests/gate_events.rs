@@ -49,7 +49,11 @@ async fn setup_with(data: Data, tune: impl FnOnce(&mut Config)) -> Setup {
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(taskgate::proxy::run(listener, config, shutdown.clone()));
+    tokio::spawn(taskgate::cmd::stack::run(
+        listener,
+        config,
+        shutdown.clone(),
+    ));
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let response = client
         .get(format!("{proxy}/global/event").parse().unwrap())

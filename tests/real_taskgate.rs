@@ -1,5 +1,5 @@
 //! taskgate in front of the real OpenCode runtime: the same rig as `real_runtime.rs`
-//! (the pinned `opencode-ai`, the scripted model provider), with `taskgate::proxy::run` serving on
+//! (the pinned `opencode-ai`, the scripted model provider), with `taskgate::cmd::stack::run` serving on
 //! 127.0.0.1:0 in front of the runtime, and `opencode run --attach` pointed at taskgate.
 //!
 //! Children are held with `CHILD-HOLD-<name>` and let go with `provider.release(name)`, so every

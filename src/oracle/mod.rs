@@ -9,7 +9,6 @@
 pub mod client;
 mod read;
 pub mod rule;
-mod wait;
 pub mod watcher;
 
 use std::collections::HashMap;
@@ -25,8 +24,6 @@ use crate::config::Config;
 
 use client::{ClientError, RuntimeClient};
 use watcher::WatchState;
-
-pub use wait::wait_command;
 
 /// Most sessions one tree read follows; a runaway tree is cut rather than read forever.
 const MAX_TREE: usize = 500;

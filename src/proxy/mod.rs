@@ -142,25 +142,9 @@ struct Server {
 }
 
 /// Serves the proxy on `listener` until `shutdown` is cancelled, then drains in-flight requests
-/// for at most `proxy.shutdown_grace`.
-///
-/// With `gate.enabled` the completion gate (and the oracle it asks) is started here.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    let oracle = config.gate.enabled.then(|| {
-        let oracle = crate::oracle::Oracle::new(&config);
-        oracle.start(shutdown.clone());
-        oracle
-    });
-    run_with_oracle(listener, config, oracle, shutdown).await
-}
-
-/// [`run`] with an oracle the caller started and shares (with the model face, so one runtime
-/// is watched once and each tree read once per interval for both faces). The gate is on when
-/// `gate.enabled` and an oracle is given.
+/// for at most `proxy.shutdown_grace`. The gate is on when `gate.enabled` and an oracle is
+/// given; the oracle is the caller's (the composition root, `crate::cmd::stack`, shares it
+/// with the model face).
 pub async fn run_with_oracle(
     listener: TcpListener,
     config: Config,

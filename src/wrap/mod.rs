@@ -1,10 +1,7 @@
-//! `taskgate wrap -- COMMAND…`: put taskgate in front of an opencode command with no ports to
-//! juggle (docs/wrap.md).
-//!
-//! `wrap` only starts processes and the same proxy `taskgate serve` runs ([`crate::proxy::run`],
-//! in-process): a private runtime (`<COMMAND prefix> serve` on a free loopback port, its output
-//! in a log file), the proxy in front of it, and, for `run` and the TUI, the user's client
-//! attached to the proxy. Nothing about claims is decided here.
+//! Process supervision for `taskgate wrap -- COMMAND…` (docs/wrap.md): the private runtime
+//! (`<COMMAND prefix> serve` on a free loopback port, its output in a log file) and the user's
+//! client attached to the proxy. The command itself (`src/cmd/wrap.rs`) puts these together
+//! with the same stack `taskgate serve` runs; nothing about claims is decided here.
 //!
 //! Lifecycle rules, in the order they matter:
 //! - The proxy's address is bound first, so a taken port is a clear error before anything runs.
@@ -18,18 +15,16 @@
 mod shape;
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::cli::WrapArgs;
-use crate::config::{Config, ConfigError, Overrides};
-use crate::oracle::{Oracle, SessionRef, Verdict};
+use crate::config::{Config, ConfigError};
+use crate::oracle::client::RuntimeClient;
 
 pub use shape::{parse, Plan, Shape, ShapeError};
 
@@ -46,7 +41,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const TAIL_LINES: usize = 20;
 
 /// Exit codes of the wrapper itself (a client's own code is passed through otherwise).
-const EXIT_STRICT: u8 = 1;
+pub(crate) const EXIT_STRICT: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_RUNTIME: u8 = 3;
 
@@ -80,7 +75,7 @@ pub enum WrapError {
 }
 
 impl WrapError {
-    fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             WrapError::Shape(_) | WrapError::Config(_) | WrapError::PortTaken { .. } => EXIT_USAGE,
             WrapError::Log { .. } | WrapError::Spawn { .. } | WrapError::Runtime { .. } => {
@@ -90,178 +85,8 @@ impl WrapError {
     }
 }
 
-/// `taskgate wrap`: runs the plan and returns the exit code (docs/wrap.md lists them).
-pub async fn command(args: WrapArgs) -> ExitCode {
-    match wrap(args).await {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("taskgate wrap: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
-}
-
-async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
-    let plan = shape::parse(&args.command)?;
-    // Installed before any child exists, so a signal during start-up is ours to handle.
-    let mut signals = Signals::new()?;
-
-    let (listen, runtime_port, runtime_dir) = match &plan.shape {
-        Shape::Serve { host, port, .. } => (format!("{host}:{port}"), None, None),
-        Shape::Run {
-            runtime_port, dir, ..
-        } => ("127.0.0.1:0".to_owned(), *runtime_port, dir.clone()),
-        Shape::Tui {
-            runtime_port,
-            project,
-            ..
-        } => ("127.0.0.1:0".to_owned(), *runtime_port, project.clone()),
-    };
-    let listen = args.listen.clone().unwrap_or(listen);
-    let listener = bind(&listen).await?;
-    let proxy_addr = listener
-        .local_addr()
-        .map_err(|source| WrapError::PortTaken {
-            addr: listen.clone(),
-            source,
-        })?;
-    let runtime_port = match runtime_port {
-        // The user's own port: taken means the same clear error, before the runtime starts.
-        Some(port) => {
-            bind(&format!("127.0.0.1:{port}")).await?;
-            port
-        }
-        None => free_port().await?,
-    };
-    let runtime_url = format!("http://127.0.0.1:{runtime_port}");
-    let overrides = Overrides {
-        listen: Some(proxy_addr.to_string()),
-        upstream: Some(runtime_url.clone()),
-        log_format: None,
-    };
-    let mut config = Config::load(args.config.as_deref(), &overrides)?;
-    // The wrapped command owns the terminal: taskgate's own info lines would be mixed into it.
-    if !args.verbose && config.log.filter == Config::defaults().log.filter {
-        config.log.filter = "warn".to_owned();
-    }
-    let log = log_path();
-    config.proxy.runtime_log = Some(log.clone());
-    crate::cli::init_tracing(&config);
-
-    let runtime_args = match &plan.shape {
-        Shape::Serve { runtime_args, .. } | Shape::Tui { runtime_args, .. } => runtime_args.clone(),
-        Shape::Run { .. } => Vec::new(),
-    };
-    let mut runtime = Runtime::start(
-        &plan.prefix,
-        runtime_port,
-        &runtime_args,
-        runtime_dir.as_deref(),
-        log,
-    )?;
-    if args.verbose {
-        eprintln!(
-            "taskgate wrap: runtime {runtime_url} (pid {}), log {}",
-            runtime.pid,
-            runtime.log.display()
-        );
-    }
-    if let Err(e) = runtime.wait_healthy(&config, &mut signals).await {
-        runtime.stop().await;
-        return Err(e);
-    }
-
-    let proxy_shutdown = CancellationToken::new();
-    let proxy = tokio::spawn(crate::proxy::run(
-        listener,
-        config.clone(),
-        proxy_shutdown.clone(),
-    ));
-    let proxy_url = format!("http://{proxy_addr}");
-    if args.verbose {
-        eprintln!("taskgate wrap: proxy {proxy_url} -> runtime {runtime_url}");
-    }
-
-    let outcome = match &plan.shape {
-        Shape::Serve { .. } => {
-            // Clients and scripts look for this line, as they do for `opencode serve`'s.
-            println!(
-                "taskgate listening on {proxy_url} (opencode runtime at {runtime_url}, log {})",
-                runtime.log.display()
-            );
-            tokio::select! {
-                _ = signals.recv() => Ok(0),
-                status = runtime.child.wait() => Err(runtime.died(status)),
-            }
-        }
-        Shape::Run {
-            args: run_args,
-            dir,
-            session,
-            ..
-        } => {
-            let started_ms = now_ms();
-            let mut client_args = vec!["run".to_owned(), "--attach".to_owned(), proxy_url];
-            if let Some(dir) = dir {
-                client_args.push("--dir".to_owned());
-                client_args.push(absolute(dir).display().to_string());
-            }
-            client_args.extend(run_args.iter().cloned());
-            match attend(&plan.prefix, &client_args, &mut runtime, &mut signals).await {
-                // An interrupted run was not meant to finish: there is nothing to judge.
-                Ok(Ended::Exited(code)) if args.strict => {
-                    Ok(
-                        strict_check(&config, session.as_deref(), dir.as_deref(), started_ms)
-                            .await
-                            .unwrap_or(code),
-                    )
-                }
-                other => other.map(Ended::code),
-            }
-        }
-        Shape::Tui {
-            attach_args,
-            project,
-            ignored,
-            ..
-        } => {
-            if !ignored.is_empty() {
-                eprintln!(
-                    "taskgate wrap: ignoring {} (opencode attach has no such option)",
-                    ignored.join(" ")
-                );
-            }
-            let mut client_args = vec!["attach".to_owned(), proxy_url];
-            client_args.extend(attach_args.iter().cloned());
-            // `attach` asks for its own working directory unless told; the runtime runs in the
-            // project, so say so.
-            let has_dir = attach_args
-                .iter()
-                .any(|a| a == "--dir" || a.starts_with("--dir="));
-            if let (Some(project), false) = (project, has_dir) {
-                client_args.push("--dir".to_owned());
-                client_args.push(absolute(project).display().to_string());
-            }
-            attend(&plan.prefix, &client_args, &mut runtime, &mut signals)
-                .await
-                .map(Ended::code)
-        }
-    };
-
-    proxy_shutdown.cancel();
-    let grace = config.proxy.shutdown_grace.0 + Duration::from_secs(1);
-    match tokio::time::timeout(grace, proxy).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "proxy ended with an error"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "proxy task failed"),
-        Err(_) => tracing::warn!("proxy did not stop within its grace period"),
-        Ok(Ok(Ok(()))) => {}
-    }
-    runtime.stop().await;
-    outcome
-}
-
 /// Binds `addr` (a host name is resolved), or says plainly that it is taken.
-async fn bind(addr: &str) -> Result<TcpListener, WrapError> {
+pub(crate) async fn bind(addr: &str) -> Result<TcpListener, WrapError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| WrapError::PortTaken {
@@ -272,7 +97,7 @@ async fn bind(addr: &str) -> Result<TcpListener, WrapError> {
 
 /// A loopback port nobody uses now, for the private runtime. (Racy by nature, but the runtime's
 /// own `--port 0` would first try 4096, the address `serve` users expect the proxy on.)
-async fn free_port() -> Result<u16, WrapError> {
+pub(crate) async fn free_port() -> Result<u16, WrapError> {
     let listener = bind("127.0.0.1:0").await?;
     listener
         .local_addr()
@@ -284,16 +109,16 @@ async fn free_port() -> Result<u16, WrapError> {
 }
 
 /// One log per wrapper process, in the temporary directory, kept after exit for a post-mortem.
-fn log_path() -> PathBuf {
+pub(crate) fn log_path() -> PathBuf {
     std::env::temp_dir().join(format!("taskgate-wrap-{}.log", std::process::id()))
 }
 
 /// `path` from the wrapper's working directory (as given if that cannot be read).
-fn absolute(path: &Path) -> PathBuf {
+pub(crate) fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -310,14 +135,14 @@ fn exit_code(status: ExitStatus) -> u8 {
 }
 
 /// SIGINT, SIGTERM and SIGHUP (the terminal went away), as one stream.
-struct Signals {
+pub(crate) struct Signals {
     int: Signal,
     term: Signal,
     hup: Signal,
 }
 
 impl Signals {
-    fn new() -> Result<Signals, WrapError> {
+    pub(crate) fn new() -> Result<Signals, WrapError> {
         let install = |kind| {
             signal(kind).map_err(|source| WrapError::Spawn {
                 program: "signal handler".to_owned(),
@@ -332,7 +157,7 @@ impl Signals {
     }
 
     /// The next signal's number.
-    async fn recv(&mut self) -> i32 {
+    pub(crate) async fn recv(&mut self) -> i32 {
         tokio::select! {
             _ = self.int.recv() => libc::SIGINT,
             _ = self.term.recv() => libc::SIGTERM,
@@ -365,14 +190,14 @@ async fn stop_child(child: &mut Child, group: bool, grace: Duration) -> Option<E
 }
 
 /// The private `opencode serve`.
-struct Runtime {
-    child: Child,
-    pid: i32,
-    log: PathBuf,
+pub(crate) struct Runtime {
+    pub(crate) child: Child,
+    pub(crate) pid: i32,
+    pub(crate) log: PathBuf,
 }
 
 impl Runtime {
-    fn start(
+    pub(crate) fn start(
         prefix: &[String],
         port: u16,
         extra: &[String],
@@ -426,15 +251,15 @@ impl Runtime {
 
     /// Polls `/global/health` until it answers, the runtime exits, a signal comes or the
     /// start deadline passes.
-    async fn wait_healthy(
+    pub(crate) async fn wait_healthy(
         &mut self,
         config: &Config,
         signals: &mut Signals,
     ) -> Result<(), WrapError> {
-        let oracle = Oracle::new(config);
+        let client = RuntimeClient::new(config);
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            let probe = tokio::time::timeout(PROBE_TIMEOUT, oracle.client().health());
+            let probe = tokio::time::timeout(PROBE_TIMEOUT, client.health());
             tokio::select! {
                 status = self.child.wait() => return Err(self.died(status)),
                 sig = signals.recv() => {
@@ -455,7 +280,7 @@ impl Runtime {
         }
     }
 
-    fn died(&self, status: std::io::Result<ExitStatus>) -> WrapError {
+    pub(crate) fn died(&self, status: std::io::Result<ExitStatus>) -> WrapError {
         let what = match status {
             Ok(s) => format!("exited unexpectedly ({s})"),
             Err(e) => format!("could not be waited for ({e})"),
@@ -476,7 +301,7 @@ impl Runtime {
 
     /// SIGTERM to the runtime's group, a bounded wait, then SIGKILL to whatever of the group is
     /// left (helpers included).
-    async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if self.pid > 0 {
             kill(-self.pid, libc::SIGTERM);
         }
@@ -488,14 +313,14 @@ impl Runtime {
 }
 
 /// How the client ended, with its exit code.
-enum Ended {
+pub(crate) enum Ended {
     Exited(u8),
     /// The wrapper was signalled and passed the signal on.
     Signalled(u8),
 }
 
 impl Ended {
-    fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             Ended::Exited(code) | Ended::Signalled(code) => code,
         }
@@ -504,7 +329,7 @@ impl Ended {
 
 /// Runs the client (`run --attach …` or `attach …`) on the user's terminal until it exits;
 /// signals are passed on to it, and a dying runtime ends it.
-async fn attend(
+pub(crate) async fn attend(
     prefix: &[String],
     client_args: &[String],
     runtime: &mut Runtime,
@@ -541,82 +366,4 @@ async fn attend(
             Err(error)
         }
     }
-}
-
-/// `--strict`: reads the run's session trees and, if a session in one failed or was aborted,
-/// prints one line naming it and returns [`EXIT_STRICT`]. `None`: every tree completed.
-async fn strict_check(
-    config: &Config,
-    session: Option<&str>,
-    dir: Option<&Path>,
-    started_ms: i64,
-) -> Option<u8> {
-    let oracle = Oracle::new(config);
-    let directory = dir.map(|d| absolute(d).display().to_string());
-    let roots: Vec<String> = match session {
-        Some(id) => vec![id.to_owned()],
-        None => match oracle.client().sessions(directory.as_deref()).await {
-            // The run's sessions: roots touched since it started (a new one, or the one
-            // `--continue` picked).
-            Ok(sessions) => sessions
-                .into_iter()
-                .filter(|s| s.parent_id.is_none())
-                .filter(|s| {
-                    s.time
-                        .as_ref()
-                        .and_then(|t| t.updated.or(t.created))
-                        .is_some_and(|t| t >= started_ms - 1000)
-                })
-                .map(|s| s.id)
-                .collect(),
-            Err(e) => {
-                eprintln!("taskgate wrap: --strict: cannot list the run's sessions: {e}");
-                return Some(EXIT_STRICT);
-            }
-        },
-    };
-    if roots.is_empty() {
-        eprintln!("taskgate wrap: --strict: the run created no session to check");
-        return Some(EXIT_STRICT);
-    }
-    for id in roots {
-        let decision = oracle
-            .decide(&SessionRef {
-                id: id.clone(),
-                directory: directory.clone(),
-            })
-            .await;
-        let title = |session: &str| {
-            decision
-                .sessions
-                .iter()
-                .find(|s| s.id == session)
-                .and_then(|s| s.title.clone())
-                .map_or_else(String::new, |t| format!(" ({t:?})"))
-        };
-        let who = |session: &str| {
-            let kind = if session == id { "session" } else { "child" };
-            format!("{kind} {session}{}", title(session))
-        };
-        let line = match &decision.verdict {
-            Verdict::Completed { .. } => continue,
-            Verdict::Failed { session, message } => format!("{} failed: {message}", who(session)),
-            Verdict::Aborted { session, message } => {
-                format!("{} was aborted: {message}", who(session))
-            }
-            Verdict::Running { session, reason } => format!(
-                "{} was still running when the run exited: {reason}",
-                who(session)
-            ),
-            Verdict::Gone { session } => {
-                format!("{} no longer exists at the runtime", who(session))
-            }
-            Verdict::Unknown { reason } => {
-                format!("cannot tell how session {id} ended: {reason}")
-            }
-        };
-        eprintln!("taskgate wrap: --strict: {line}");
-        return Some(EXIT_STRICT);
-    }
-    None
 }

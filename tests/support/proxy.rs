@@ -141,7 +141,7 @@ pub async fn recorder() -> (Upstream, mpsc::UnboundedReceiver<Seen>) {
     (upstream, rx)
 }
 
-/// A taskgate proxy served by `taskgate::proxy::run` on a fresh loopback port, gate off.
+/// A taskgate proxy served by `taskgate::cmd::stack::run` on a fresh loopback port, gate off.
 pub struct Proxy {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
@@ -162,7 +162,11 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(taskgate::proxy::run(listener, config, shutdown.clone()));
+        let task = tokio::spawn(taskgate::cmd::stack::run(
+            listener,
+            config,
+            shutdown.clone(),
+        ));
         Proxy {
             addr,
             shutdown,

@@ -77,7 +77,11 @@ pub async fn stack(options: SimOptions, tune: impl FnOnce(&mut Config)) -> Stack
     tune(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(taskgate::proxy::run(listener, config, proxy_stop.clone()));
+    tokio::spawn(taskgate::cmd::stack::run(
+        listener,
+        config,
+        proxy_stop.clone(),
+    ));
     Stack {
         sim,
         proxy,

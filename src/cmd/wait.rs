@@ -8,16 +8,39 @@ use std::process::ExitCode;
 
 use futures_util::StreamExt;
 use serde_json::json;
+use std::path::PathBuf;
+use std::time::Duration;
+
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::WaitArgs;
 use crate::config::{Config, Overrides};
 
-use super::client::ClientError;
-use super::{Decision, Oracle, OracleError, SessionRef, Verdict};
+use crate::oracle::client::ClientError;
+use crate::oracle::{Decision, Oracle, OracleError, SessionRef, Verdict};
 
 /// Exit codes, as documented for CI scripts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// The session whose tree to wait for (`ses_…`).
+    pub session: String,
+    /// Path to proxy.toml (for credentials, settle window, poll interval).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The runtime's URL.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// The session's directory, when the runtime serves several (`?directory=`).
+    #[arg(long)]
+    pub directory: Option<String>,
+    /// Give up after this long (e.g. 30s, 2h); exit code 2.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Print one JSON object instead of the live tree.
+    #[arg(long)]
+    pub json: bool,
+}
+
 const EXIT_COMPLETED: u8 = 0;
 const EXIT_FAILED: u8 = 1;
 const EXIT_TIMEOUT: u8 = 2;
@@ -26,7 +49,7 @@ const EXIT_UPSTREAM: u8 = 3;
 /// `taskgate wait`: 0 completed, 1 failed or aborted, 2 timeout, 3 the runtime unreachable or
 /// refusing taskgate's credentials at the start (or a config that cannot be loaded, or a
 /// session the runtime does not know).
-pub async fn wait_command(args: WaitArgs) -> ExitCode {
+pub async fn run(args: WaitArgs) -> ExitCode {
     let overrides = Overrides {
         upstream: args.upstream.clone(),
         ..Overrides::default()
@@ -38,7 +61,7 @@ pub async fn wait_command(args: WaitArgs) -> ExitCode {
             return ExitCode::from(EXIT_UPSTREAM);
         }
     };
-    crate::cli::init_tracing(&config);
+    super::logging::init_tracing(&config);
     let oracle = Oracle::new(&config);
     if let Err(e) = oracle.client().health().await {
         eprintln!("taskgate: {e}");
@@ -63,7 +86,7 @@ pub async fn wait_command(args: WaitArgs) -> ExitCode {
         }
         _ => {}
     }
-    let shutdown = crate::cli::shutdown_on_signal();
+    let shutdown = super::signals::shutdown_on_signal();
     oracle.start(shutdown.clone());
     let deadline = args.timeout.map(|t| Instant::now() + t);
     let live = !args.json && std::io::stdout().is_terminal();

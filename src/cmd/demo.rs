@@ -16,14 +16,23 @@ use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::DemoArgs;
 use crate::config::Config;
-use crate::oracle::{Oracle, SessionRef, Verdict};
+use crate::oracle::{SessionRef, Verdict};
 use crate::sim::client::{run_like_opencode_run, Entry, RunReport, Seen};
 use crate::sim::{scenario, SimOptions};
 
 /// Width of one timeline column (two columns plus the time fit in 80).
 const COLUMN: usize = 33;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Multiply every scenario delay by this (0.1 = ten times faster).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// The scenario to show (see `taskgate sim`); defaults to the native background child.
+    #[arg(long)]
+    pub scenario: Option<String>,
+}
 
 pub async fn run(args: DemoArgs) -> ExitCode {
     let name = args.scenario.as_deref().unwrap_or("bg-child");
@@ -81,9 +90,9 @@ async fn demo(name: &str, summary: &str, time_scale: f64) -> Result<bool, DemoEr
     let settle = config.gate.settle_window.0;
     let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy_url = format!("http://{}", proxy_listener.local_addr()?);
-    let oracle = Oracle::new(&config);
-    oracle.start(shutdown.clone());
-    tokio::spawn(crate::proxy::run(proxy_listener, config, shutdown.clone()));
+    // One stack, one oracle: the proxy's gate and the demo's own truth share its reads.
+    let stack = super::stack::start(config, proxy_listener, None, shutdown.clone());
+    let oracle = stack.oracle();
 
     println!("taskgate demo, scenario {name}:");
     for line in wrap(summary, 76) {
