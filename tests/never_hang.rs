@@ -250,7 +250,9 @@ async fn a_root_the_runtime_no_longer_knows_is_released_as_gone() {
 #[tokio::test]
 async fn a_prompt_accepted_through_taskgate_counts_as_busy_until_it_starts() {
     let options = SimOptions {
-        start_delay: Duration::from_millis(1500),
+        // Long enough that the reads below come before the runtime starts the prompt even on
+        // a loaded machine (the real runtime was seen taking up to 15 s with plugin hooks).
+        start_delay: Duration::from_secs(5),
         ..SimOptions::default()
     };
     let stack = stack(options, |_| {}).await;
