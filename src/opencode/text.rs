@@ -72,17 +72,21 @@ pub struct OmoLaunch {
 /// Reads an oh-my-opencode background launch from a tool output: `Background task launched`
 /// with a `<task_metadata>` block (`session_id:`, `background_task_id:`), or `call_omo_agent`'s
 /// `Background agent task launched` with `Session ID:`/`Task ID:` lines.
+///
+/// The session id must be one (`ses_…`): a runtime too busy to start the child at once makes the
+/// plugin write `Session ID: pending`, which names nothing to read.
 pub fn omo_launch(output: &str) -> Option<OmoLaunch> {
     let line_value = |key: &str| line_value(output, key).map(str::to_owned);
+    let session = |key: &str| line_value(key).filter(|id| id.starts_with("ses_"));
     if output.contains("Background task launched") {
-        let session_id = line_value("session_id:")?;
+        let session_id = session("session_id:")?;
         return Some(OmoLaunch {
             session_id,
             background_task_id: line_value("background_task_id:"),
         });
     }
     if output.contains("Background agent task launched") {
-        let session_id = line_value("Session ID:")?;
+        let session_id = session("Session ID:")?;
         return Some(OmoLaunch {
             session_id,
             background_task_id: line_value("Task ID:"),
@@ -122,5 +126,8 @@ mod tests {
         let agent = "Background agent task launched successfully.\n\nTask ID: bg_1\nSession ID: ses_g\nStatus: pending";
         assert_eq!(omo_launch(agent).unwrap().session_id, "ses_g");
         assert_eq!(omo_launch("Task Result\n\nSession ID: ses_x"), None);
+        // Seen on a loaded machine: the child is queued, its session not made yet.
+        let queued = "Background agent task launched successfully.\n\nTask ID: bg_2\nSession ID: pending\nStatus: pending";
+        assert_eq!(omo_launch(queued), None, "`pending` is no session id");
     }
 }

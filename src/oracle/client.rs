@@ -112,6 +112,11 @@ impl RuntimeClient {
         })
     }
 
+    /// The deadline of each read (`oracle.request_timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The runtime's base URL.
     pub fn base(&self) -> &str {
         &self.base

@@ -289,7 +289,7 @@ impl Oracle {
                 Some(error) => {
                     let since = *unreadable.get_or_insert(reading.started);
                     if matches!(error, ClientError::Unauthorized { .. })
-                        || since.elapsed() >= self.inner.rest_bound
+                        || since.elapsed() >= self.unreadable_bound()
                     {
                         return Err(OracleError::Unverifiable(Box::new(reading.decision)));
                     }
@@ -401,6 +401,13 @@ impl Oracle {
     /// The liveness bound (`gate.rest_bound`).
     pub fn rest_bound(&self) -> Duration {
         self.inner.rest_bound
+    }
+
+    /// How long the runtime may stay unreadable before a wait ends as unverifiable: the
+    /// liveness bound, but never less than six read timeouts, since a runtime that is merely
+    /// slow (reads timing out under load) must not turn every hold into an error.
+    fn unreadable_bound(&self) -> Duration {
+        self.inner.rest_bound.max(6 * self.inner.client.timeout())
     }
 
     /// The poll interval, so callers can bound how stale a decision may be.

@@ -273,7 +273,11 @@ fn session_state(tree: &TreeSnapshot, s: &SessionSnapshot) -> Result<Outcome, No
     for (at, launch) in launches(&s.messages) {
         let answered = match &launch.style {
             LaunchStyle::Native => native_answered(s, at, &launch.child),
-            LaunchStyle::OhMyOpencode { .. } => omo_answered(tree, s, at, &launch.child),
+            // The plugin neither reports a failed child nor wakes its parent for it (seen with
+            // the real plugin): the failure is its answer.
+            LaunchStyle::OhMyOpencode { .. } => {
+                omo_answered(tree, s, at, &launch.child) || child_failed(tree, &launch.child)
+            }
         } || child_aborted(tree, &launch.child);
         if !answered {
             return resting(format!(
@@ -354,6 +358,14 @@ fn omo_answered(tree: &TreeSnapshot, s: &SessionSnapshot, launched_at: usize, ch
                 .created
                 .is_some_and(|created| created >= first_end)
     })
+}
+
+/// The child's last message ended with an error.
+fn child_failed(tree: &TreeSnapshot, child: &str) -> bool {
+    tree.sessions
+        .get(child)
+        .and_then(|c| c.messages.last())
+        .is_some_and(|m| m.info.is_assistant() && m.info.error.is_some())
 }
 
 /// A cancelled child injects nothing into its parent: its launch can never be answered, and
@@ -551,6 +563,10 @@ mod tests {
                     answer(3, "waiting"), user(5, "[BACKGROUND TASK COMPLETED]"), answer(6, "got it")]),
                     snap(CHILD, None, None, vec![user(1, "w"), answer(4, "child done")])]),
                 "completed", "got it"),
+            ("rule 5: a failed oh-my-opencode child answers its launch (the plugin reports nothing)",
+                tree(vec![snap(ROOT, None, None, vec![user(1, "go"), omo_launch(), answer(3, "launched")]),
+                    snap(CHILD, None, None, vec![user(1, "w"), with_error(answer(4, ""), "APIError")])]),
+                "failed", "ses_child"),
             ("aborted child: its launch is answered by the abort, the tree is aborted",
                 tree(vec![snap(ROOT, None, None, vec![user(1, "go"), launch(), answer(3, "launched")]),
                     snap(CHILD, Some(ROOT), None, vec![user(1, "w"), with_error(answer(2, ""), "MessageAbortedError")])]),
@@ -682,17 +698,22 @@ mod tests {
                 unmatched: vec!["background task ses_child not yet answered (rule 5)".to_owned()],
             })
         );
-        // A failed child is still failed once the tree has rested.
-        let mut failing = resting.clone();
-        failing.sessions.insert(
-            CHILD.into(),
+        // A failed child is still failed once the tree has rested (a native launch here, whose
+        // answer is the runtime's injection, never made).
+        let failing = tree(vec![
+            snap(
+                ROOT,
+                None,
+                None,
+                vec![user(1, "go"), launch(), answer(3, "launched")],
+            ),
             snap(
                 CHILD,
-                None,
+                Some(ROOT),
                 None,
                 vec![user(1, "w"), with_error(answer(4, ""), "APIError")],
             ),
-        );
+        ]);
         assert_eq!(
             judge(&failing).at_rest.map(|r| r.verdict.name()),
             Some("failed")
