@@ -13,10 +13,8 @@ mod runtime;
 use std::time::{Duration, Instant};
 
 use provider::{ScriptedProvider, Turn, PARENT_FINAL};
-use runtime::{runtime_or_skip, Runtime, RuntimeOptions};
+use runtime::{runtime_or_skip, start_model_face, Runtime, RuntimeOptions};
 use serde_json::Value;
-use taskgate::config::Config;
-use tokio_util::sync::CancellationToken;
 
 const SETTLE: Duration = Duration::from_secs(90);
 
@@ -33,22 +31,7 @@ async fn a_background_run_through_the_model_face_reaches_the_model_intact_and_fi
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let face_url = format!("http://{}/openai-chat", listener.local_addr().unwrap());
     let rt = Runtime::start(&bin, &face_url, RuntimeOptions::default()).await;
-    let config = Config::from_toml_str(
-        "test",
-        &format!(
-            "[proxy]\nupstream = \"{}\"\n[model]\nenabled = true\nopenai_chat = \"{}\"\nmax_hold = \"60s\"\n",
-            rt.url(),
-            provider.base_url()
-        ),
-    )
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(taskgate::model::run(
-        listener,
-        config,
-        None,
-        shutdown.clone(),
-    ));
+    let shutdown = start_model_face(listener, rt.url(), &provider.base_url(), "60s");
 
     let out = rt
         .run(

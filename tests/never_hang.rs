@@ -150,6 +150,21 @@ async fn prompt_streamed(stack: &Stack, name: &str) -> http::Response<hyper::bod
         .unwrap()
 }
 
+/// Sends `scenario` with `prompt_async` through taskgate in a new session; returns its id once
+/// the runtime accepted it.
+async fn prompt_async(stack: &Stack, name: &str) -> String {
+    let id = new_session(&stack.proxy, None).await;
+    let accepted = send(
+        "POST",
+        &format!("{}/session/{id}/prompt_async", stack.proxy),
+        Some(scenario(name)),
+        None,
+    )
+    .await;
+    assert_eq!(accepted.status, 204, "{}", accepted.text());
+    id
+}
+
 fn slow_child() -> SimOptions {
     // bg-child's child works 3 s: long enough to act while the prompt is held.
     SimOptions::default()
@@ -235,19 +250,13 @@ async fn a_root_the_runtime_no_longer_knows_is_released_as_gone() {
 #[tokio::test]
 async fn a_prompt_accepted_through_taskgate_counts_as_busy_until_it_starts() {
     let options = SimOptions {
-        start_delay: Duration::from_millis(1500),
+        // Long enough that the reads below come before the runtime starts the prompt even on
+        // a loaded machine (the real runtime was seen taking up to 15 s with plugin hooks).
+        start_delay: Duration::from_secs(5),
         ..SimOptions::default()
     };
     let stack = stack(options, |_| {}).await;
-    let id = new_session(&stack.proxy, None).await;
-    let accepted = send(
-        "POST",
-        &format!("{}/session/{id}/prompt_async", stack.proxy),
-        Some(scenario("plain")),
-        None,
-    )
-    .await;
-    assert_eq!(accepted.status, 204);
+    let id = prompt_async(&stack, "plain").await;
     let direct = send("GET", &format!("{}/session/status", stack.sim), None, None).await;
     let through = send(
         "GET",
@@ -404,15 +413,7 @@ async fn a_committed_hold_that_ends_badly_cuts_the_body_instead_of_sending_the_p
 #[tokio::test]
 async fn history_agrees_with_the_event_stream_after_an_abort() {
     let stack = stack(slow_child(), |_| {}).await;
-    let id = new_session(&stack.proxy, None).await;
-    let accepted = send(
-        "POST",
-        &format!("{}/session/{id}/prompt_async", stack.proxy),
-        Some(scenario("child-abort")),
-        None,
-    )
-    .await;
-    assert_eq!(accepted.status, 204);
+    let id = prompt_async(&stack, "child-abort").await;
     let children = until(
         &format!("{}/session/{id}/children", stack.sim),
         None,

@@ -23,12 +23,10 @@ use provider::{
     RecordedRequest, ScriptedProvider, Turn, OMO_CHILD_FINAL, OMO_CHILD_PARTIAL, OMO_PARENT_READ,
 };
 use runtime::{
-    http_post_json, omo_config, omo_plugin_or_skip, plugin_url, runtime_or_skip, Runtime,
-    RuntimeBinary,
+    http_post_json, omo_config, omo_plugin_or_skip, plugin_url, runtime_or_skip, start_model_face,
+    Runtime, RuntimeBinary,
 };
 use serde_json::{json, Value};
-use taskgate::config::Config;
-use tokio_util::sync::CancellationToken;
 
 /// Bound for each step of the scenario; a run takes seconds (the plugin polls every 3 s).
 const STEP: Duration = Duration::from_secs(90);
@@ -237,22 +235,7 @@ async fn through_the_model_face_the_parent_reads_the_truth_instead_of_the_premat
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let face_url = format!("http://{}/openai-chat", listener.local_addr().unwrap());
     let rt = start_with_plugin(&bin, &plugin, &face_url).await;
-    let config = Config::from_toml_str(
-        "test",
-        &format!(
-            "[proxy]\nupstream = \"{}\"\n[model]\nenabled = true\nopenai_chat = \"{}\"\nmax_hold = \"120s\"\n",
-            rt.url(),
-            provider.base_url()
-        ),
-    )
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(taskgate::model::run(
-        listener,
-        config,
-        None,
-        shutdown.clone(),
-    ));
+    let shutdown = start_model_face(listener, rt.url(), &provider.base_url(), "120s");
 
     let root = prompt_root(&rt, "face").await;
     // The runtime has run the tool: its output is the plugin's false claim, and the runtime's

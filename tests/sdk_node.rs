@@ -4,8 +4,8 @@
 //! The bug this pins: Node's fetch gives up after 300 s without response headers (and after
 //! 300 s without body bytes), and taskgate used to send nothing until it released the reply, so
 //! `session.prompt` threw `fetch failed` (`HeadersTimeoutError`) on any hold longer than that.
-//! Here Node's two timeouts are scaled down to 1.5 s (`tests/sdk/prompt.mjs` sets them on the
-//! global dispatcher, which Node's own fetch reads) and the simulated child works about 3 s:
+//! Here Node's two timeouts are scaled down to 2.5 s (`tests/sdk/prompt.mjs` sets them on the
+//! global dispatcher, which Node's own fetch reads) and the simulated child works about 6 s:
 //! the same failure, in seconds. Skips without node and npm locally; fails under `CI=true`.
 
 #[path = "support/runtime.rs"]
@@ -21,14 +21,20 @@ use sim::Stack;
 use taskgate::config::{Config, HumanDuration};
 use taskgate::sim::SimOptions;
 
-/// Node's header and body timeouts in the script, scaled down from 300 s.
-const NODE_TIMEOUT_MS: &str = "1500";
+/// Node's header and body timeouts in the script, scaled down from 300 s: well below the
+/// child's 6 s of work, well above the keep-alive interval the committed stack uses.
+const NODE_TIMEOUT_MS: &str = "2500";
 /// Bound on the whole script: a hang fails the test.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// The simulated runtime (bg-child: the child works 3 s) and taskgate in front of it.
+/// The simulated runtime (bg-child at half speed: the child works 6 s) and taskgate in front of
+/// it.
 async fn stack(tune: impl FnOnce(&mut Config)) -> Stack {
-    sim::stack(SimOptions::default(), |c| {
+    let options = SimOptions {
+        time_scale: 2.0,
+        ..SimOptions::default()
+    };
+    sim::stack(options, |c| {
         c.gate.settle_window = HumanDuration(Duration::from_millis(200));
         tune(c);
     })

@@ -17,8 +17,10 @@ use runtime::{http_get, runtime_or_skip, sandbox_dir};
 use serde_json::Value;
 use wrap::{alive, descendants, finish, isolated, poll_until, signal, wrap_command, Tmux};
 
-/// How long the buggy direct run may take to exit on its own (observed 1.5–4 s).
-const EARLY_EXIT_WINDOW: Duration = Duration::from_secs(45);
+/// How long the buggy direct run may take to exit on its own (observed 1.5–4 s alone, over 45 s
+/// on a two-core machine running other real-runtime suites). Below the scripted model's
+/// `MAX_HOLD` (120 s), so exiting within it still means exiting while the child is held.
+const EARLY_EXIT_WINDOW: Duration = Duration::from_secs(90);
 /// How long a runtime may take to come up behind the wrapper.
 const START: Duration = Duration::from_secs(120);
 

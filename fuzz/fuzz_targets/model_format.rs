@@ -49,7 +49,11 @@ fuzz_target!(|input: &[u8]| {
     let Ok(body) = serde_json::from_slice::<Value>(input) else {
         return;
     };
-    for format in [Format::OpenAiChat, Format::OpenAiResponses, Format::Anthropic] {
+    for format in [
+        Format::OpenAiChat,
+        Format::OpenAiResponses,
+        Format::Anthropic,
+    ] {
         let _ = all_result_texts(format, &body);
         for result in newest_results(format, &body) {
             for error in [false, true] {
@@ -63,8 +67,9 @@ fuzz_target!(|input: &[u8]| {
                 );
                 let back = newest_results(format, &rewritten);
                 assert!(
-                    back.iter()
-                        .any(|r| r.slot == result.slot && r.text == "REWRITTEN" && r.tool == result.tool),
+                    back.iter().any(|r| r.slot == result.slot
+                        && r.text == "REWRITTEN"
+                        && r.tool == result.tool),
                     "the rewrite at {pointer} does not read back"
                 );
             }

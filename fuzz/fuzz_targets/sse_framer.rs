@@ -66,7 +66,11 @@ fuzz_target!(|input: &[u8]| {
         let mut followed = frame.to_vec();
         followed.push(b'x');
         let (again, again_tail, _) = run(usize::MAX, &[], &followed);
-        assert_eq!(again, vec![Chunk::Frame(frame.clone())], "not one whole frame");
+        assert_eq!(
+            again,
+            vec![Chunk::Frame(frame.clone())],
+            "not one whole frame"
+        );
         assert_eq!(again_tail.as_deref(), Some(&b"x"[..]));
 
         if let Some(fields) = parse(frame) {

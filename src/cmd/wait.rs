@@ -132,7 +132,7 @@ pub fn report(decision: &Decision) -> serde_json::Value {
             (Some(message.clone()), Some(session.clone()))
         }
         Verdict::Gone { session } => (
-            Some(format!("the runtime no longer knows {session}")),
+            Some(crate::claims::render::reason(&decision.verdict)),
             Some(session.clone()),
         ),
         Verdict::Unknown { reason } => (Some(reason.clone()), None),
@@ -165,12 +165,8 @@ fn print_human(decision: &Decision, timed_out: bool) {
 
 fn describe(verdict: &Verdict) -> String {
     match verdict {
-        Verdict::Running { reason, .. } => format!("running: {reason}"),
         Verdict::Completed { .. } => "completed".to_owned(),
-        Verdict::Failed { session, message } => format!("failed: {session}: {message}"),
-        Verdict::Aborted { session, message } => format!("aborted: {session}: {message}"),
-        Verdict::Gone { session } => format!("gone: the runtime no longer knows {session}"),
-        Verdict::Unknown { reason } => format!("unknown: {reason}"),
+        other => format!("{}: {}", other.name(), crate::claims::render::reason(other)),
     }
 }
 

@@ -56,7 +56,9 @@ pub(super) async fn prompt(
                 Ok(reply) => {
                     mark(&mut parts.headers, reply.verdict, reply.held_ms);
                     if reply.body != original {
+                        // The latest message, as the oracle read it: plain JSON.
                         parts.headers.remove(header::CONTENT_LENGTH);
+                        parts.headers.remove(header::CONTENT_ENCODING);
                     }
                     Response::from_parts(parts, Body::from(reply.body))
                 }
@@ -89,6 +91,8 @@ pub(super) async fn prompt(
         }
     });
     parts.headers.remove(header::CONTENT_LENGTH);
+    // The body that follows may be the latest message as the oracle read it: plain JSON.
+    parts.headers.remove(header::CONTENT_ENCODING);
     parts
         .headers
         .insert("x-taskgate-verdict", HeaderValue::from_static("pending"));

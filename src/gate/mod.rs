@@ -165,9 +165,11 @@ impl Gate {
             return response;
         }
         if let Some(encoding) = response.headers().get(http::header::CONTENT_ENCODING) {
-            if encoding.as_bytes() != b"identity" {
-                // The proxy asked for identity; a runtime that compresses anyway is passed
-                // through unread rather than broken.
+            // The proxy asked for identity; a runtime that compresses anyway is passed through
+            // unread rather than broken. A prompt reply is still held: its hold needs only the
+            // runtime's word that the tree ended, not the body.
+            let held = matches!(intercept.surface, Surface::Prompt(_));
+            if encoding.as_bytes() != b"identity" && !held {
                 self.count_uninspected("encoded");
                 return response;
             }

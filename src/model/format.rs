@@ -3,7 +3,7 @@
 //! result), every tool result text of the conversation (for `bg_…` launch links), and replacing
 //! a result's text or appending to a user text.
 //!
-//! Pure JSON work, no I/O: the HTTP plumbing lives in `super::forward`.
+//! Pure JSON work, no I/O: the HTTP plumbing lives in `forward.rs`.
 
 use serde_json::{json, Value};
 

@@ -24,6 +24,10 @@ use crate::claims::Links;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Most sessions the watcher remembers. Past it the half least recently changed is forgotten:
+/// what it knew (busy once, parent, children) is only a shortcut, a tree read finds it again,
+/// and a proxy running for weeks must not grow with every session it ever saw.
+const MAX_SESSIONS: usize = 4096;
 
 /// What the watcher knows of one session.
 #[derive(Debug, Clone, Default)]
@@ -229,6 +233,16 @@ impl WatchState {
                     p.seq = seq;
                 }
             }
+            if event.kind() == "session.deleted" {
+                if let Some(gone) = sessions.remove(id) {
+                    if let Some(p) = gone.parent.and_then(|p| sessions.get_mut(&p)) {
+                        p.children.remove(id);
+                    }
+                }
+            }
+            if sessions.len() > MAX_SESSIONS {
+                forget_oldest_half(&mut sessions);
+            }
         }
         if relevant {
             self.changed.send_replace(seq);
@@ -248,6 +262,15 @@ impl WatchState {
     pub fn busy_ever(&self, id: &str) -> bool {
         self.sessions().get(id).is_some_and(|s| s.busy_ever)
     }
+}
+
+/// Keeps the half of `sessions` changed most recently.
+fn forget_oldest_half(sessions: &mut HashMap<String, SessionState>) {
+    let mut seqs: Vec<u64> = sessions.values().map(|s| s.seq).collect();
+    let middle = seqs.len() / 2;
+    let (_, cut, _) = seqs.select_nth_unstable(middle);
+    let cut = *cut;
+    sessions.retain(|_, s| s.seq > cut);
 }
 
 /// Holds the `/global/event` subscription until `shutdown`: reconnects with exponential
@@ -344,6 +367,44 @@ mod tests {
             Some(CHILD)
         );
         assert_eq!(state.background_session("bg_ffffffff"), None);
+    }
+
+    fn created(id: &str, parent: Option<&str>) -> Event {
+        let info = serde_json::json!({"id": id, "parentID": parent});
+        Event::parse(
+            serde_json::json!({"type": "session.created", "properties": {"sessionID": id, "info": info}})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// The bug this pins: the watcher's state only ever grew (about 4 MB per 1,000 sessions,
+    /// `session.deleted` included), so a proxy left running for weeks grew without end.
+    #[test]
+    fn memory_does_not_grow_with_every_session_ever_seen() {
+        let state = WatchState::default();
+        state.record(&created(CHILD, Some(PARENT)));
+        assert!(state.session(PARENT).unwrap().children.contains(CHILD));
+        let deleted = Event::parse(
+            serde_json::json!({"type": "session.deleted", "properties": {"sessionID": CHILD,
+                "info": {"id": CHILD, "parentID": PARENT}}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        state.record(&deleted);
+        assert!(
+            state.session(CHILD).is_none(),
+            "a deleted session is forgotten"
+        );
+        assert!(!state.session(PARENT).unwrap().children.contains(CHILD));
+        for n in 0..3 * MAX_SESSIONS {
+            state.record(&created(&format!("ses_{n:026}"), None));
+        }
+        assert!(state.sessions().len() <= MAX_SESSIONS);
+        let newest = format!("ses_{:026}", 3 * MAX_SESSIONS - 1);
+        assert!(state.session(&newest).is_some(), "the newest are kept");
     }
 
     #[test]

@@ -143,7 +143,7 @@ struct Server {
 
 /// Serves the proxy on `listener` until `shutdown` is cancelled, then drains in-flight requests
 /// for at most `proxy.shutdown_grace`. The gate is on when `gate.enabled` and an oracle is
-/// given; the oracle is the caller's (the composition root, `crate::cmd::stack`, shares it
+/// given; the oracle is the caller's (the composition root, `src/cmd/stack.rs`, shares it
 /// with the model face).
 pub async fn run_with_oracle(
     listener: TcpListener,

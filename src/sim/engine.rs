@@ -10,18 +10,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::messages::{
-    complete_message, finish_message, latest_text, new_part_id, open_assistant, outcome_of,
-    permissions, put_part, set_status, step_start, text_part, tokens, SLUG_A, SLUG_B,
+    abort_open, add_user_message, complete_message, finish_message, latest_text, new_part_id,
+    open_assistant, outcome_of, permissions, put_part, queue_existing, result_text, set_status,
+    step_start, text_part, tokens, SLUG_A, SLUG_B,
 };
+pub use super::run::NotFound;
 use super::run::{Launched, LoopOutcome, RunCtx, Script, Trigger};
 use super::scenario::{self, Launch, Launching, PluginStep, Step};
-use super::state::{
-    now_ms, MessageRec, SessionRec, Sim, State, MODEL_ID, PROJECT_ID, PROVIDER_ID, VERSION,
-};
-
-#[derive(Debug, thiserror::Error)]
-#[error("Session not found: {0}")]
-pub struct NotFound(pub String);
+use super::state::{now_ms, SessionRec, Sim, MODEL_ID, PROJECT_ID, PROVIDER_ID, VERSION};
 
 impl Sim {
     fn scaled(&self, ms: u64) -> Duration {
@@ -219,62 +215,6 @@ fn send_user_message(
     Ok(())
 }
 
-fn add_user_message(
-    sim: &Sim,
-    st: &mut State,
-    sid: &str,
-    text: &str,
-    synthetic: bool,
-) -> Result<String, NotFound> {
-    let mid = st.ids.ascending("msg");
-    let pid = st.ids.ascending("prt");
-    let now = now_ms();
-    let rec = st
-        .session_mut(sid)
-        .ok_or_else(|| NotFound(sid.to_owned()))?;
-    let agent = match &rec.script {
-        Some(script) => script.agent.agent.to_owned(),
-        None => rec.info["agent"].as_str().unwrap_or("build").to_owned(),
-    };
-    let first = rec.info.get("model").is_none();
-    rec.info["agent"] = json!(agent);
-    rec.info["model"] = json!({"id": MODEL_ID, "providerID": PROVIDER_ID, "variant": "default"});
-    rec.info["time"]["updated"] = json!(now);
-    let session_info = rec.info.clone();
-    let info = json!({
-        "id": mid, "sessionID": sid, "role": "user", "time": {"created": now},
-        "summary": {"diffs": []}, "agent": agent,
-        "model": {"providerID": PROVIDER_ID, "modelID": MODEL_ID},
-    });
-    let mut part =
-        json!({"id": pid, "sessionID": sid, "messageID": mid, "type": "text", "text": text});
-    if synthetic {
-        part["synthetic"] = json!(true);
-    }
-    rec.messages.push(MessageRec {
-        info: info.clone(),
-        parts: vec![part.clone()],
-    });
-    if first {
-        sim.emit(
-            st,
-            "session.updated",
-            json!({"sessionID": sid, "info": session_info}),
-        );
-    }
-    sim.emit(
-        st,
-        "message.updated",
-        json!({"sessionID": sid, "info": info}),
-    );
-    sim.emit(
-        st,
-        "message.part.updated",
-        json!({"sessionID": sid, "part": part, "time": now}),
-    );
-    Ok(mid)
-}
-
 /// The agent loop of one session: waits for a user message, goes busy, answers every queued
 /// message, goes idle, and tells the waiting `POST /message` callers how it ended.
 async fn session_actor(
@@ -332,58 +272,6 @@ async fn session_actor(
         for waiter in waiters {
             let _ = waiter.send(outcome.clone());
         }
-    }
-}
-
-/// Marks the open assistant message aborted, like the runtime on `POST /abort`.
-fn abort_open(sim: &Sim, sid: &str) -> LoopOutcome {
-    let error =
-        json!({"name": "MessageAbortedError", "data": {"message": "The operation was aborted."}});
-    let open = {
-        let mut st = sim.lock();
-        let open = st.session(sid).and_then(|r| r.open.clone());
-        if let Some(mid) = &open {
-            let now = now_ms();
-            let unfinished: Vec<Value> = st
-                .message_mut(sid, mid)
-                .map(|m| {
-                    m.parts
-                        .iter()
-                        .filter(|p| {
-                            p["type"] == "tool"
-                                && matches!(
-                                    p["state"]["status"].as_str(),
-                                    Some("pending" | "running")
-                                )
-                        })
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            for mut part in unfinished {
-                let start = part["state"]["time"]["start"].as_u64().unwrap_or(now);
-                let input = part["state"]["input"].clone();
-                part["state"] = json!({"status": "error", "input": input,
-                    "error": "Tool execution aborted", "time": {"start": start, "end": now}});
-                put_part(sim, &mut st, sid, mid, part);
-            }
-            let e = error.clone();
-            complete_message(sim, &mut st, sid, mid, |info| info["error"] = e);
-        }
-        sim.emit(
-            &mut st,
-            "session.error",
-            json!({"sessionID": sid, "error": error}),
-        );
-        open
-    };
-    match open {
-        Some(mid) => outcome_of(sim, sid, &mid),
-        None => LoopOutcome {
-            aborted: true,
-            error: Some(error),
-            ..LoopOutcome::default()
-        },
     }
 }
 
@@ -608,61 +496,6 @@ async fn run_launch(sim: &Arc<Sim>, sid: &str, mid: &str, launch: &Launch, ctx: 
         "output": output, "title": launch.description, "metadata": metadata,
         "time": {"start": start, "end": now_ms()}});
     put_part(sim, &mut sim.lock(), sid, mid, part);
-}
-
-/// Queues an already-added user message for the session's loop (the delayed-start child).
-fn queue_existing(
-    sim: &Sim,
-    sid: &str,
-    user_msg: String,
-    reply: Option<oneshot::Sender<LoopOutcome>>,
-) {
-    let mut st = sim.lock();
-    let Some(rec) = st.session_mut(sid) else {
-        return;
-    };
-    let Some(script) = &mut rec.script else {
-        return;
-    };
-    let steps = script
-        .agent
-        .turns
-        .get(script.taken)
-        .cloned()
-        .unwrap_or_default();
-    script.taken += 1;
-    let trigger = Trigger {
-        user_msg,
-        steps,
-        ctx: script.ctx.clone(),
-        agent: script.agent.agent,
-        reply,
-    };
-    let _ = rec.inbox.send(trigger);
-}
-
-/// `<task id=… state="completed|error">` as the runtime writes it.
-fn result_text(child: &str, description: &str, outcome: &LoopOutcome, background: bool) -> String {
-    match &outcome.error {
-        Some(error) => {
-            let message = error["data"]["message"].as_str().unwrap_or("unknown error");
-            let summary = if background {
-                format!("<summary>Background task failed: {description}</summary>\n")
-            } else {
-                String::new()
-            };
-            format!("<task id=\"{child}\" state=\"error\">\n{summary}<task_error>\n{message}\n</task_error>\n</task>")
-        }
-        None => {
-            let text = outcome.text.as_deref().unwrap_or("");
-            let summary = if background {
-                format!("<summary>Background task completed: {description}</summary>\n")
-            } else {
-                String::new()
-            };
-            format!("<task id=\"{child}\" state=\"completed\">\n{summary}<task_result>\n{text}\n</task_result>\n</task>")
-        }
-    }
 }
 
 /// The runtime's side of a native background child: when the child's first loop ends,

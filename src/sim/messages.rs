@@ -3,7 +3,9 @@
 
 use serde_json::{json, Value};
 
-use super::run::LoopOutcome;
+use tokio::sync::oneshot;
+
+use super::run::{LoopOutcome, NotFound, Trigger};
 use super::state::{now_ms, MessageRec, Sim, State, MODEL_ID, PROVIDER_ID, SNAPSHOT};
 
 pub(super) fn tokens() -> Value {
@@ -185,4 +187,172 @@ pub(super) fn latest_text(sim: &Sim, sid: &str) -> String {
     st.session(sid)
         .and_then(|rec| rec.messages.iter().rev().find_map(|m| last_text(&m.parts)))
         .unwrap_or_default()
+}
+
+pub(super) fn add_user_message(
+    sim: &Sim,
+    st: &mut State,
+    sid: &str,
+    text: &str,
+    synthetic: bool,
+) -> Result<String, NotFound> {
+    let mid = st.ids.ascending("msg");
+    let pid = st.ids.ascending("prt");
+    let now = now_ms();
+    let rec = st
+        .session_mut(sid)
+        .ok_or_else(|| NotFound(sid.to_owned()))?;
+    let agent = match &rec.script {
+        Some(script) => script.agent.agent.to_owned(),
+        None => rec.info["agent"].as_str().unwrap_or("build").to_owned(),
+    };
+    let first = rec.info.get("model").is_none();
+    rec.info["agent"] = json!(agent);
+    rec.info["model"] = json!({"id": MODEL_ID, "providerID": PROVIDER_ID, "variant": "default"});
+    rec.info["time"]["updated"] = json!(now);
+    let session_info = rec.info.clone();
+    let info = json!({
+        "id": mid, "sessionID": sid, "role": "user", "time": {"created": now},
+        "summary": {"diffs": []}, "agent": agent,
+        "model": {"providerID": PROVIDER_ID, "modelID": MODEL_ID},
+    });
+    let mut part =
+        json!({"id": pid, "sessionID": sid, "messageID": mid, "type": "text", "text": text});
+    if synthetic {
+        part["synthetic"] = json!(true);
+    }
+    rec.messages.push(MessageRec {
+        info: info.clone(),
+        parts: vec![part.clone()],
+    });
+    if first {
+        sim.emit(
+            st,
+            "session.updated",
+            json!({"sessionID": sid, "info": session_info}),
+        );
+    }
+    sim.emit(
+        st,
+        "message.updated",
+        json!({"sessionID": sid, "info": info}),
+    );
+    sim.emit(
+        st,
+        "message.part.updated",
+        json!({"sessionID": sid, "part": part, "time": now}),
+    );
+    Ok(mid)
+}
+
+/// Marks the open assistant message aborted, like the runtime on `POST /abort`.
+pub(super) fn abort_open(sim: &Sim, sid: &str) -> LoopOutcome {
+    let error =
+        json!({"name": "MessageAbortedError", "data": {"message": "The operation was aborted."}});
+    let open = {
+        let mut st = sim.lock();
+        let open = st.session(sid).and_then(|r| r.open.clone());
+        if let Some(mid) = &open {
+            let now = now_ms();
+            let unfinished: Vec<Value> = st
+                .message_mut(sid, mid)
+                .map(|m| {
+                    m.parts
+                        .iter()
+                        .filter(|p| {
+                            p["type"] == "tool"
+                                && matches!(
+                                    p["state"]["status"].as_str(),
+                                    Some("pending" | "running")
+                                )
+                        })
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            for mut part in unfinished {
+                let start = part["state"]["time"]["start"].as_u64().unwrap_or(now);
+                let input = part["state"]["input"].clone();
+                part["state"] = json!({"status": "error", "input": input,
+                    "error": "Tool execution aborted", "time": {"start": start, "end": now}});
+                put_part(sim, &mut st, sid, mid, part);
+            }
+            let e = error.clone();
+            complete_message(sim, &mut st, sid, mid, |info| info["error"] = e);
+        }
+        sim.emit(
+            &mut st,
+            "session.error",
+            json!({"sessionID": sid, "error": error}),
+        );
+        open
+    };
+    match open {
+        Some(mid) => outcome_of(sim, sid, &mid),
+        None => LoopOutcome {
+            aborted: true,
+            error: Some(error),
+            ..LoopOutcome::default()
+        },
+    }
+}
+
+/// Queues an already-added user message for the session's loop (the delayed-start child).
+pub(super) fn queue_existing(
+    sim: &Sim,
+    sid: &str,
+    user_msg: String,
+    reply: Option<oneshot::Sender<LoopOutcome>>,
+) {
+    let mut st = sim.lock();
+    let Some(rec) = st.session_mut(sid) else {
+        return;
+    };
+    let Some(script) = &mut rec.script else {
+        return;
+    };
+    let steps = script
+        .agent
+        .turns
+        .get(script.taken)
+        .cloned()
+        .unwrap_or_default();
+    script.taken += 1;
+    let trigger = Trigger {
+        user_msg,
+        steps,
+        ctx: script.ctx.clone(),
+        agent: script.agent.agent,
+        reply,
+    };
+    let _ = rec.inbox.send(trigger);
+}
+
+/// `<task id=… state="completed|error">` as the runtime writes it.
+pub(super) fn result_text(
+    child: &str,
+    description: &str,
+    outcome: &LoopOutcome,
+    background: bool,
+) -> String {
+    match &outcome.error {
+        Some(error) => {
+            let message = error["data"]["message"].as_str().unwrap_or("unknown error");
+            let summary = if background {
+                format!("<summary>Background task failed: {description}</summary>\n")
+            } else {
+                String::new()
+            };
+            format!("<task id=\"{child}\" state=\"error\">\n{summary}<task_error>\n{message}\n</task_error>\n</task>")
+        }
+        None => {
+            let text = outcome.text.as_deref().unwrap_or("");
+            let summary = if background {
+                format!("<summary>Background task completed: {description}</summary>\n")
+            } else {
+                String::new()
+            };
+            format!("<task id=\"{child}\" state=\"completed\">\n{summary}<task_result>\n{text}\n</task_result>\n</task>")
+        }
+    }
 }

@@ -79,3 +79,8 @@ pub struct LoopOutcome {
     pub error: Option<Value>,
     pub aborted: bool,
 }
+
+/// A route named a session the runtime does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("Session not found: {0}")]
+pub struct NotFound(pub String);

@@ -157,7 +157,7 @@ impl Upstream {
             .route("/session/status", get(statuses))
             .route("/session/{id}", get(session))
             .route("/session/{id}/children", get(children))
-            .route("/session/{id}/message", get(messages))
+            .route("/session/{id}/message", get(messages).post(prompt))
             .with_state(double.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -273,6 +273,32 @@ async fn children(
 }
 
 /// Pages like the runtime: the newest `limit` messages older than `before`, oldest first.
+/// `POST /session/:id/message`, answered at once with `content-encoding: gzip` whatever the
+/// request asked (a runtime that compresses its JSON): the body starts with gzip's magic bytes,
+/// so nothing that tried to read it as JSON could.
+async fn prompt(State(d): State<Arc<Double>>, Path(id): Path<String>, headers: HeaderMap) -> Reply {
+    if let Some(r) = denied(&d, &headers) {
+        return r;
+    }
+    let last = d
+        .data
+        .lock()
+        .unwrap()
+        .messages
+        .get(&id)
+        .and_then(|m| m.last().cloned());
+    let Some(last) = last else {
+        return not_found(&id);
+    };
+    let mut framed = vec![0x1f, 0x8b];
+    framed.extend_from_slice(last.to_string().as_bytes());
+    axum::response::Response::builder()
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(axum::body::Body::from(framed))
+        .unwrap()
+}
+
 async fn messages(
     State(d): State<Arc<Double>>,
     Path(id): Path<String>,

@@ -440,6 +440,32 @@ pub fn omo_config() -> Value {
     })
 }
 
+/// Starts taskgate's model face on `listener` for the runtime at `runtime_url`, its
+/// `openai_chat` provider at `provider_url`, holding at most `max_hold` (e.g. `"60s"`); runs
+/// until the returned token is cancelled.
+pub fn start_model_face(
+    listener: tokio::net::TcpListener,
+    runtime_url: &str,
+    provider_url: &str,
+    max_hold: &str,
+) -> tokio_util::sync::CancellationToken {
+    let config = taskgate::config::Config::from_toml_str(
+        "test",
+        &format!(
+            "[proxy]\nupstream = \"{runtime_url}\"\n[model]\nenabled = true\nopenai_chat = \"{provider_url}\"\nmax_hold = \"{max_hold}\"\n"
+        ),
+    )
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(taskgate::model::run(
+        listener,
+        config,
+        None,
+        shutdown.clone(),
+    ));
+    shutdown
+}
+
 /// The `file://` URL a project's `opencode.json` loads an installed plugin folder by.
 pub fn plugin_url(path: &Path) -> String {
     format!("file://{}", path.display())

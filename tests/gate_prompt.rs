@@ -1,0 +1,74 @@
+//! The synchronous prompt's hold against a scripted runtime that compresses its replies.
+
+#[path = "support/oracle.rs"]
+mod oracle;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use oracle::{eventually, Data, Upstream, FINAL_TEXT, PARENT};
+use serde_json::Value;
+use taskgate::config::{Config, HumanDuration};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The bug this pins: a prompt reply with a `Content-Encoding` (taskgate asks for identity; a
+/// runtime may compress anyway) skipped the hold entirely, so the premature reply went out at
+/// once. Now it is held like any other, and released with the latest message as plain JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_prompt_reply_is_still_held() {
+    let up = Upstream::start(Data::child_busy(), None).await;
+    let mut config = Config::defaults();
+    config.proxy.upstream = up.url.clone();
+    config.gate.settle_window = HumanDuration(Duration::from_millis(100));
+    config.oracle.poll_interval = HumanDuration(Duration::from_millis(50));
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(taskgate::cmd::stack::run(
+        listener,
+        config,
+        shutdown.clone(),
+    ));
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = http::Request::post(format!("{proxy}/session/{PARENT}/message"))
+        .header("content-type", "application/json")
+        .header("accept-encoding", "gzip")
+        .body(Full::new(Bytes::from_static(b"{\"parts\":[]}")))
+        .unwrap();
+    let reply = tokio::spawn(async move { client.request(request).await.unwrap() });
+    let histories = || {
+        up.double
+            .message_reads
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    // The gate read the tree (the child busy) instead of passing the reply on.
+    eventually("the hold's first read", PATIENCE, || histories() >= 2).await;
+    assert!(
+        !reply.is_finished(),
+        "the compressed reply was passed on at once"
+    );
+    up.double.set(Data::all_done());
+    let response = tokio::time::timeout(PATIENCE, reply)
+        .await
+        .expect("released once the tree is done")
+        .unwrap();
+    assert_eq!(response.headers()["x-taskgate-verdict"], "completed");
+    assert!(response.headers().get("content-encoding").is_none());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let message: Value = serde_json::from_slice(&body).expect("the latest message, plain JSON");
+    let said: Vec<&str> = message["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["text"].as_str())
+        .collect();
+    assert!(said.contains(&FINAL_TEXT), "{message}");
+}
