@@ -364,3 +364,102 @@ fn a_signal_that_kills_taskgate_kills_the_launcher_the_same_way() {
     let status = ended(child, stderr);
     assert_eq!(status.signal(), Some(libc::SIGUSR2), "{status:?}");
 }
+
+/// Whether tmux runs here; `false` (with a printed reason) outside CI, panics under `CI=true`.
+fn tmux_or_skip(test: &str) -> bool {
+    let ok = Command::new("tmux")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: tmux is required in CI (CI=true)"
+        );
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: tmux is not installed");
+    }
+    ok
+}
+
+/// Polls `cond` every 100 ms (a poll interval, not a sync) until it holds, at most [`DEADLINE`].
+fn poll_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out after {DEADLINE:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A private tmux server running one command on a pseudo-terminal, killed on drop.
+struct Tmux(String);
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.0, "kill-server"])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Ctrl-C typed at a terminal, through `npx` as a user runs it, stops taskgate gracefully: one
+/// shutdown, drained, never "second signal: exiting without draining". (The terminal signals the
+/// whole foreground process group; the launcher does not pass SIGINT on again when stdin is a
+/// terminal. A second SIGINT that close to the first is usually merged with it by the kernel, so
+/// this test shows what the user sees, not that rule.)
+#[test]
+fn ctrl_c_at_a_terminal_stops_taskgate_once_and_it_drains() {
+    let test = "ctrl_c_at_a_terminal_stops_taskgate_once_and_it_drains";
+    if npm_or_skip(test).is_none() || !tmux_or_skip(test) {
+        return;
+    }
+    let dir = installed();
+    let log = scratch().join("ctrl-c.log");
+    let _ = std::fs::remove_file(&log);
+    let line = format!(
+        "npx taskgate serve --listen 127.0.0.1:0 --upstream http://127.0.0.1:9 2>'{}'",
+        log.display()
+    );
+    let socket = format!("taskgate-npm-{}", std::process::id());
+    let mut start = npm("tmux", dir);
+    start
+        .args(["-L", &socket, "new-session", "-d", "-x", "120", "-y", "30"])
+        .arg(&line)
+        .env("RUST_LOG", "info")
+        .env("TERM", "xterm-256color");
+    let out = run(start);
+    assert!(out.status.success(), "tmux: {}", describe(&out));
+    let tmux = Tmux(socket);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    poll_until("taskgate serve to say it is serving", || {
+        read().contains("taskgate serving")
+    });
+    let out = run({
+        let mut keys = Command::new("tmux");
+        keys.args(["-L", &tmux.0, "send-keys", "C-c"]);
+        keys
+    });
+    assert!(out.status.success(), "tmux send-keys: {}", describe(&out));
+    // The session ends with its command: npx, the launcher and taskgate have all exited.
+    poll_until("the command to end after Ctrl-C", || {
+        !Command::new("tmux")
+            .args(["-L", &tmux.0, "has-session"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let text = read();
+    assert_eq!(
+        text.matches("shutdown signal received").count(),
+        1,
+        "{text}"
+    );
+    assert!(!text.contains("second signal"), "{text}");
+    assert!(text.contains("proxy stopped"), "{text}");
+}
