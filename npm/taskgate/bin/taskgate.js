@@ -15,6 +15,8 @@ const SCOPE = "@taskgate";
 function libc() {
   if (process.platform !== "linux") return undefined;
   try {
+    // Network details make the report slow on some hosts and are not needed here.
+    process.report.excludeNetwork = true;
     const header = process.report.getReport().header;
     return header.glibcVersionRuntime ? "glibc" : "musl";
   } catch {
