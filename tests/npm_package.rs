@@ -298,6 +298,8 @@ fn serve_through_the_launcher() -> (std::process::Child, mpsc::Receiver<String>)
             .unwrap(),
         installed(),
     );
+    // Its own process group, so a failing test can end the launcher and taskgate together.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
     command
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(["--upstream", "http://127.0.0.1:9"])
@@ -314,13 +316,22 @@ fn serve_through_the_launcher() -> (std::process::Child, mpsc::Receiver<String>)
         }
     });
     loop {
-        let line = rx
-            .recv_timeout(DEADLINE)
-            .expect("taskgate serve says it is serving");
-        if line.contains("taskgate serving") {
-            return (child, rx);
+        match rx.recv_timeout(DEADLINE) {
+            Ok(line) if line.contains("taskgate serving") => return (child, rx),
+            Ok(_) => {}
+            Err(e) => {
+                end_group(&mut child);
+                panic!("taskgate serve did not say it is serving: {e}");
+            }
         }
     }
+}
+
+/// Kills the launcher's process group (the launcher and taskgate) and reaps the launcher.
+fn end_group(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on the process group this test created for the child.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
 }
 
 /// Waits for the launcher to exit and for its stderr to close (taskgate gone too).
@@ -331,7 +342,7 @@ fn ended(mut child: std::process::Child, stderr: mpsc::Receiver<String>) -> Exit
             Ok(line) => rest.push(line),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
+                end_group(&mut child);
                 panic!("stderr still open after {DEADLINE:?}: {rest:#?}");
             }
         }
