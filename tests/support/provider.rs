@@ -24,6 +24,12 @@
 //!   With `OMO-WAKE-<name>` instead, the root launches the same child and ends its turn at once
 //!   with [`OMO_PARENT_LAUNCHED`] (it never calls `background_output`): it learns of the child
 //!   only through the plugin's wakes, each answered with [`OMO_PARENT_NOTED`].
+//!   A `<name>` that starts with `solo` gives a child with no grandchild (it answers
+//!   [`OMO_CHILD_FINAL`] at once); one that starts with `fail` gives a child whose model request
+//!   fails like `CHILD-FAIL`.
+//! - Native nesting: a child prompt `NEST-<name>` (e.g. `@bg(NEST-n1)`) makes that child a parent
+//!   in turn: it launches one background grandchild `CHILD-HOLD-<name>` and then behaves like any
+//!   parent above.
 //! - Anything else is answered plainly with [`PLAIN_ANSWER`]; requests without tools (the title
 //!   request) get a short title.
 //!
@@ -118,8 +124,10 @@ pub enum OmoTurn {
     ChildLaunch { name: String },
     /// Child after the launch result: ends its turn with [`OMO_CHILD_PARTIAL`].
     ChildPartial,
-    /// Child woken later: [`OMO_CHILD_FINAL`].
+    /// Child woken later, or a `solo` child at once: [`OMO_CHILD_FINAL`].
     ChildFinal,
+    /// A `fail` child: its model request fails (HTTP 400), like `CHILD-FAIL`.
+    ChildFail,
 }
 
 /// One request the provider received.
@@ -362,7 +370,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes)
     );
     let id = shared.next_id();
     match turn {
-        Turn::ChildFail => json_response(
+        Turn::ChildFail | Turn::Omo(OmoTurn::ChildFail) => json_response(
             StatusCode::BAD_REQUEST,
             json!({"error": {"message": CHILD_FAIL_MESSAGE, "type": "invalid_request_error", "code": "scripted_failure"}}),
         ),
@@ -536,6 +544,19 @@ pub fn child_prompts(text: &str) -> Vec<(bool, String)> {
     out
 }
 
+/// The children a conversation whose first user text is `text` launches: its `@bg`/`@fg`
+/// prompts, or for a nesting child (`NEST-<name>`) one background `CHILD-HOLD-<name>`.
+fn launches_of(text: &str) -> Vec<(bool, String)> {
+    let prompts = child_prompts(text);
+    if !prompts.is_empty() {
+        return prompts;
+    }
+    match marker_value(text, "NEST-") {
+        Some(name) => vec![(true, format!("CHILD-HOLD-{name} nested work"))],
+        None => Vec::new(),
+    }
+}
+
 fn first_user_text(body: &Value) -> String {
     messages(body)
         .iter()
@@ -546,7 +567,7 @@ fn first_user_text(body: &Value) -> String {
 
 /// How many background and foreground children the parent conversation launches.
 fn launched_counts(body: &Value) -> (usize, usize) {
-    let prompts = child_prompts(&first_user_text(body));
+    let prompts = launches_of(&first_user_text(body));
     let bg = prompts.iter().filter(|(bg, _)| *bg).count();
     (bg, prompts.len() - bg)
 }
@@ -570,7 +591,7 @@ fn injected_states(body: &Value) -> (usize, usize) {
 }
 
 fn task_calls(body: &Value, id: u64) -> Vec<(String, String, Value)> {
-    child_prompts(&first_user_text(body))
+    launches_of(&first_user_text(body))
         .into_iter()
         .enumerate()
         .map(|(i, (background, prompt))| {
@@ -621,6 +642,7 @@ fn omo_step(turn: &OmoTurn, id: u64) -> Step {
         OmoTurn::ParentWake => Step::Text(OMO_PARENT_NOTED.into()),
         OmoTurn::ChildPartial => Step::Text(OMO_CHILD_PARTIAL.into()),
         OmoTurn::ChildFinal => Step::Text(OMO_CHILD_FINAL.into()),
+        OmoTurn::ChildFail => unreachable!("a failing child is answered with HTTP 400"),
     }
 }
 
@@ -667,6 +689,8 @@ fn omo_turn(body: &Value) -> Option<OmoTurn> {
     }
     if let Some(name) = marker_value(&users, "OMO-CHILD-") {
         return Some(match (last_call, after_tool) {
+            (None, _) if name.starts_with("fail") => OmoTurn::ChildFail,
+            (None, _) if name.starts_with("solo") => OmoTurn::ChildFinal,
             (None, _) => OmoTurn::ChildLaunch { name },
             (Some(_), true) => OmoTurn::ChildPartial,
             _ => OmoTurn::ChildFinal,
@@ -694,7 +718,7 @@ pub fn classify(body: &Value) -> Turn {
         return Turn::Omo(turn);
     }
     let first = first_user_text(body);
-    let prompts = child_prompts(&first);
+    let prompts = launches_of(&first);
     if !prompts.is_empty() {
         let last = messages(body).last();
         let last_role = last.and_then(|m| m.get("role")).and_then(Value::as_str);

@@ -419,6 +419,9 @@ pub struct RuntimeOptions {
     /// Written to the project's `.omo/omo.json`: oh-my-opencode's own config (agents and
     /// categories pointed at the scripted model; see [`omo_config`]).
     pub omo_config: Option<Value>,
+    /// Top-level keys merged into the project's `opencode.json` (e.g. `subagent_depth`,
+    /// `agent`), over the sandbox's own.
+    pub config: Option<Value>,
 }
 
 /// An oh-my-opencode config naming the scripted model for every agent and category a plugin
@@ -496,6 +499,11 @@ impl Runtime {
         let mut config = sandbox_config(provider_base_url);
         if !opts.plugins.is_empty() {
             config["plugin"] = json!(opts.plugins);
+        }
+        if let Some(Value::Object(extra)) = &opts.config {
+            for (k, v) in extra {
+                config[k] = v.clone();
+            }
         }
         let dir = sandbox_with(&config);
         if let Some(omo) = &opts.omo_config {
@@ -1018,6 +1026,8 @@ impl Drop for Taskgate {
 /// client sees: every `data:` line is parsed as JSON and kept in arrival order.
 pub struct EventStream {
     events: Arc<Mutex<Vec<Value>>>,
+    /// When each event arrived, in step with `events`.
+    arrivals: Arc<Mutex<Vec<Instant>>>,
     arrived: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -1037,8 +1047,9 @@ impl EventStream {
             .unwrap_or_else(|e| panic!("GET {url}: {e}"));
         assert_eq!(resp.status(), StatusCode::OK, "GET {url}");
         let events = Arc::new(Mutex::new(Vec::new()));
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
         let arrived = Arc::new(tokio::sync::Notify::new());
-        let (ev, notify) = (events.clone(), arrived.clone());
+        let (ev, at, notify) = (events.clone(), arrivals.clone(), arrived.clone());
         let task = tokio::spawn(async move {
             let mut body = resp.into_body();
             let mut buf = Vec::new();
@@ -1052,7 +1063,9 @@ impl EventStream {
                     let line = String::from_utf8_lossy(&line);
                     if let Some(json) = line.trim_end().strip_prefix("data:") {
                         if let Ok(v) = serde_json::from_str::<Value>(json.trim()) {
-                            ev.lock().unwrap().push(v);
+                            let mut ev = ev.lock().unwrap();
+                            at.lock().unwrap().push(Instant::now());
+                            ev.push(v);
                             notify.notify_waiters();
                         }
                     }
@@ -1061,6 +1074,7 @@ impl EventStream {
         });
         EventStream {
             events,
+            arrivals,
             arrived,
             task,
         }
@@ -1069,6 +1083,17 @@ impl EventStream {
     /// Every event so far, oldest first.
     pub fn events(&self) -> Vec<Value> {
         self.events.lock().unwrap().clone()
+    }
+
+    /// Every event so far with the moment it arrived, oldest first.
+    pub fn timed_events(&self) -> Vec<(Instant, Value)> {
+        let events = self.events.lock().unwrap();
+        let arrivals = self.arrivals.lock().unwrap();
+        arrivals
+            .iter()
+            .copied()
+            .zip(events.iter().cloned())
+            .collect()
     }
 
     /// Waits until `pred` holds for the events so far, panicking after `deadline`.
