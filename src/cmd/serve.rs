@@ -27,8 +27,10 @@ pub async fn run(common: CommonArgs) -> ExitCode {
     };
     // The bound address, not the configured one: `--listen 127.0.0.1:0` picks a free port.
     let listen = listener.local_addr().unwrap_or(config.proxy.listen);
-    tracing::info!(%listen, upstream = %config.proxy.upstream, "taskgate serving");
+    // The handlers go in before "taskgate serving" is said: whoever waits for that line may
+    // signal at once, and the default action of SIGTERM would end the process without draining.
     let shutdown = shutdown_on_signal();
+    tracing::info!(%listen, upstream = %config.proxy.upstream, "taskgate serving");
     // `[model] enabled`: the model face runs beside the client face, on its own listener, and
     // stops with it.
     let model = if config.model.enabled {

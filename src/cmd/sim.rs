@@ -26,6 +26,8 @@ pub async fn run(args: SimArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Before the "listening" line, which a script may answer with a signal at once.
+    let shutdown = shutdown_on_signal();
     match listener.local_addr() {
         Ok(addr) => {
             use std::io::Write as _;
@@ -37,7 +39,7 @@ pub async fn run(args: SimArgs) -> ExitCode {
         time_scale: args.time_scale,
         ..crate::sim::SimOptions::default()
     };
-    match crate::sim::run(listener, options, shutdown_on_signal()).await {
+    match crate::sim::run(listener, options, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             say!("taskgate: sim: {e}");
