@@ -295,7 +295,7 @@ fn rest_config(upstream: &str, rest: &str) -> Config {
     Config::from_toml_str(
         "test",
         &format!(
-            "[proxy]\nupstream = \"{upstream}\"\n[oracle]\npoll_interval = \"20ms\"\nrequest_timeout = \"5s\"\n[gate]\nsettle_window = \"20ms\"\nrest_bound = \"{rest}\"\n"
+            "[proxy]\nupstream = \"{upstream}\"\n[oracle]\npoll_interval = \"20ms\"\nrequest_timeout = \"100ms\"\n[gate]\nsettle_window = \"20ms\"\nrest_bound = \"{rest}\"\n"
         ),
     )
     .unwrap()
@@ -380,7 +380,7 @@ async fn omo_without_wakes_is_released_once_the_tree_rests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_runtime_ends_the_wait_with_an_error_after_the_rest_bound() {
+async fn an_unreachable_runtime_ends_the_wait_with_an_error_after_the_unreadable_bound() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);

@@ -120,7 +120,8 @@ pub enum OracleError {
     #[error("cancelled")]
     Cancelled,
     /// The tree cannot be verified: the runtime refused taskgate's credentials, or it stayed
-    /// unreachable for the liveness bound. The last decision (verdict unknown) is attached.
+    /// unreadable for `max(rest_bound, 6 × request_timeout)`. The last decision (verdict unknown)
+    /// is attached.
     #[error("the runtime cannot be read: {0:?}")]
     Unverifiable(Box<Decision>),
 }
@@ -284,7 +285,7 @@ impl Oracle {
             };
             progress(&reading.decision);
             // Never wait out something that cannot come: refused credentials are a
-            // configuration error at once; an unreachable runtime, after the liveness bound.
+            // configuration error at once; an unreadable runtime, after the unreadable bound.
             match &reading.error {
                 Some(error) => {
                     let since = *unreadable.get_or_insert(reading.started);
