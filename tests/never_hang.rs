@@ -150,6 +150,18 @@ async fn prompt_streamed(stack: &Stack, name: &str) -> http::Response<hyper::bod
         .unwrap()
 }
 
+/// A synchronous prompt for `scenario` in a new session through taskgate, with `auth`.
+async fn prompt(stack: &Stack, name: &str, auth: Option<&str>) -> Reply {
+    let id = new_session(&stack.proxy, auth).await;
+    send(
+        "POST",
+        &format!("{}/session/{id}/message", stack.proxy),
+        Some(scenario(name)),
+        auth,
+    )
+    .await
+}
+
 /// Sends `scenario` with `prompt_async` through taskgate in a new session; returns its id once
 /// the runtime accepted it.
 async fn prompt_async(stack: &Stack, name: &str) -> String {
@@ -200,14 +212,7 @@ async fn max_hold_answers_a_held_prompt_with_an_error_not_the_premature_reply() 
         c.gate.max_hold = HumanDuration(Duration::from_millis(300));
     })
     .await;
-    let id = new_session(&stack.proxy, None).await;
-    let reply = send(
-        "POST",
-        &format!("{}/session/{id}/message", stack.proxy),
-        Some(scenario("bg-child")),
-        None,
-    )
-    .await;
+    let reply = prompt(&stack, "bg-child", None).await;
     assert_eq!(reply.status, 504, "{}", reply.text());
     let error = &reply.json()["error"];
     assert_eq!(error["kind"], "tree_still_running");
@@ -306,14 +311,7 @@ async fn a_missing_credential_uses_the_clients_and_does_not_hold_forever() {
     )
     .await;
     assert_eq!(health.status, 503, "{}", health.text());
-    let id = new_session(&stack.proxy, Some(&auth)).await;
-    let reply = send(
-        "POST",
-        &format!("{}/session/{id}/message", stack.proxy),
-        Some(scenario("bg-child")),
-        Some(&auth),
-    )
-    .await;
+    let reply = prompt(&stack, "bg-child", Some(&auth)).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.headers["x-taskgate-verdict"], "completed");
     assert!(
@@ -336,14 +334,7 @@ async fn refused_credentials_end_the_hold_with_an_error_at_once() {
     })
     .await;
     let auth = basic();
-    let id = new_session(&stack.proxy, Some(&auth)).await;
-    let reply = send(
-        "POST",
-        &format!("{}/session/{id}/message", stack.proxy),
-        Some(scenario("plain")),
-        Some(&auth),
-    )
-    .await;
+    let reply = prompt(&stack, "plain", Some(&auth)).await;
     assert_eq!(reply.status, 502, "{}", reply.text());
     let error = &reply.json()["error"];
     assert_eq!(error["kind"], "tree_unverifiable");
