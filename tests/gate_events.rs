@@ -15,7 +15,6 @@ use oracle::{Data, Upstream, CHILD, PARENT};
 use serde_json::{json, Value};
 use taskgate::config::{Config, HumanDuration};
 use taskgate::opencode::sse::SseDecoder;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -41,19 +40,7 @@ async fn setup(data: Data) -> Setup {
 
 async fn setup_with(data: Data, tune: impl FnOnce(&mut Config)) -> Setup {
     let up = Upstream::start(data, None).await;
-    let mut config = Config::defaults();
-    config.proxy.upstream = up.url.clone();
-    config.gate.settle_window = HumanDuration(Duration::from_millis(100));
-    config.oracle.poll_interval = HumanDuration(Duration::from_millis(50));
-    tune(&mut config);
-    let shutdown = CancellationToken::new();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(taskgate::cmd::stack::run(
-        listener,
-        config,
-        shutdown.clone(),
-    ));
+    let (proxy, shutdown) = up.behind_taskgate(tune).await;
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let response = client
         .get(format!("{proxy}/global/event").parse().unwrap())

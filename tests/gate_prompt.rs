@@ -11,9 +11,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use oracle::{eventually, Data, Upstream, FINAL_TEXT, PARENT};
 use serde_json::Value;
-use taskgate::config::{Config, HumanDuration};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -23,19 +20,8 @@ const PATIENCE: Duration = Duration::from_secs(10);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_prompt_reply_is_still_held() {
     let up = Upstream::start(Data::child_busy(), None).await;
-    let mut config = Config::defaults();
-    config.proxy.upstream = up.url.clone();
-    config.gate.settle_window = HumanDuration(Duration::from_millis(100));
-    config.oracle.poll_interval = HumanDuration(Duration::from_millis(50));
-    let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(taskgate::cmd::stack::run(
-        listener,
-        config,
-        shutdown.clone(),
-    ));
+    let (proxy, shutdown) = up.behind_taskgate(|_| {}).await;
+    let _stop = shutdown.drop_guard();
 
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let request = http::Request::post(format!("{proxy}/session/{PARENT}/message"))

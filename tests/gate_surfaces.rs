@@ -116,19 +116,9 @@ async fn history_shows_the_launch_running_until_the_child_is_done() {
     let stack = stack(|_| {}).await;
     let root = start(&stack.proxy, "bg-child").await;
     let child = until_root_idle_child_busy(&stack.sim, &root).await;
-    let task_part = |messages: &Value| {
-        messages
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|m| m["parts"].as_array().unwrap().iter())
-            .find(|p| p["tool"] == "task")
-            .cloned()
-            .unwrap()
-    };
-    let direct = task_part(&get(&format!("{}/session/{root}/message", stack.sim)).await);
+    let direct = sim::task_part(&get(&format!("{}/session/{root}/message", stack.sim)).await);
     assert_eq!(direct["state"]["status"], "completed");
-    let proxied = task_part(&get(&format!("{}/session/{root}/message", stack.proxy)).await);
+    let proxied = sim::task_part(&get(&format!("{}/session/{root}/message", stack.proxy)).await);
     assert_eq!(proxied["state"]["status"], "running", "{proxied}");
     let taskgate = &proxied["state"]["metadata"]["taskgate"];
     assert_eq!(taskgate["child"], child.as_str());
@@ -141,9 +131,9 @@ async fn history_shows_the_launch_running_until_the_child_is_done() {
     // Once the child's tree is terminal, history reads as the runtime wrote it.
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let now = task_part(&get(&format!("{}/session/{root}/message", stack.proxy)).await);
+        let now = sim::task_part(&get(&format!("{}/session/{root}/message", stack.proxy)).await);
         if now["state"]["status"] == "completed" {
-            assert_eq!(now, direct_now(&stack.sim, &root, task_part).await);
+            assert_eq!(now, direct_now(&stack.sim, &root, sim::task_part).await);
             break;
         }
         assert!(

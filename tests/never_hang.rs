@@ -177,6 +177,17 @@ async fn prompt_async(stack: &Stack, name: &str) -> String {
     id
 }
 
+/// Sends a synchronous prompt for `scenario` in a new session through taskgate and returns
+/// once taskgate holds its reply: the session, and the reply to come.
+async fn held_prompt(stack: &Stack, name: &str) -> (String, tokio::task::JoinHandle<Reply>) {
+    let id = new_session(&stack.proxy, None).await;
+    let url = format!("{}/session/{id}/message", stack.proxy);
+    let body = scenario(name);
+    let reply = tokio::spawn(async move { send("POST", &url, Some(body), None).await });
+    until_prompt_held(stack).await;
+    (id, reply)
+}
+
 fn slow_child() -> SimOptions {
     // bg-child's child works 3 s: long enough to act while the prompt is held.
     SimOptions::default()
@@ -185,11 +196,7 @@ fn slow_child() -> SimOptions {
 #[tokio::test]
 async fn shutdown_answers_a_held_prompt_with_an_error_not_the_premature_reply() {
     let stack = stack(slow_child(), |_| {}).await;
-    let id = new_session(&stack.proxy, None).await;
-    let url = format!("{}/session/{id}/message", stack.proxy);
-    let prompt =
-        tokio::spawn(async move { send("POST", &url, Some(scenario("bg-child")), None).await });
-    until_prompt_held(&stack).await;
+    let (id, prompt) = held_prompt(&stack, "bg-child").await;
     stack.proxy_stop.cancel();
     let reply = prompt.await.unwrap();
     assert_eq!(reply.status, 503, "{}", reply.text());
@@ -231,11 +238,7 @@ async fn max_hold_answers_a_held_prompt_with_an_error_not_the_premature_reply() 
 #[tokio::test]
 async fn a_root_the_runtime_no_longer_knows_is_released_as_gone() {
     let stack = stack(slow_child(), |_| {}).await;
-    let id = new_session(&stack.proxy, None).await;
-    let url = format!("{}/session/{id}/message", stack.proxy);
-    let prompt =
-        tokio::spawn(async move { send("POST", &url, Some(scenario("bg-child")), None).await });
-    until_prompt_held(&stack).await;
+    let (id, prompt) = held_prompt(&stack, "bg-child").await;
     let deleted = send("DELETE", &format!("{}/session/{id}", stack.sim), None, None).await;
     assert_eq!(deleted.status, 200, "{}", deleted.text());
     let reply = prompt.await.unwrap();
@@ -435,16 +438,6 @@ async fn history_agrees_with_the_event_stream_after_an_abort() {
         |v| v.as_object().is_some_and(|m| m.is_empty()),
     )
     .await;
-    let task_part = |history: &Value| -> Value {
-        history
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|m| m["parts"].as_array().unwrap().iter())
-            .find(|p| p["tool"] == "task")
-            .cloned()
-            .expect("the launch part")
-    };
     let direct = send(
         "GET",
         &format!("{}/session/{id}/message", stack.sim),
@@ -452,15 +445,18 @@ async fn history_agrees_with_the_event_stream_after_an_abort() {
         None,
     )
     .await;
-    assert_eq!(task_part(&direct.json())["state"]["status"], "completed");
+    assert_eq!(
+        sim::task_part(&direct.json())["state"]["status"],
+        "completed"
+    );
     let through = until(
         &format!("{}/session/{id}/message", stack.proxy),
         None,
         "the launch part rewritten",
-        |v| task_part(v)["state"]["status"] == "error",
+        |v| sim::task_part(v)["state"]["status"] == "error",
     )
     .await;
-    let part = task_part(&through);
+    let part = sim::task_part(&through);
     assert_eq!(part["state"]["metadata"]["taskgate"]["verdict"], "aborted");
     assert_eq!(
         part["state"]["metadata"]["taskgate"]["original"]["status"],

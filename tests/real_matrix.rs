@@ -577,6 +577,15 @@ where
 async fn nothing(_: Arc<Rig>, _: String) {}
 
 /// The runtime binary and the plugin, or `None` when the test skips.
+/// A runtime with oh-my-opencode (`omo` as its `.omo/omo.json`) behind taskgate, or `None`
+/// (skip) when the runtime or the plugin is unavailable or too old for the plugin cells.
+async fn omo_rig(test: &str, omo: Value, rest_bound: Duration) -> Option<Arc<Rig>> {
+    let (bin, plugin) = runtime_and_plugin(test)?;
+    let provider = ScriptedProvider::start().await;
+    let rt = Runtime::start_with_omo(&bin, &plugin, &provider.base_url(), omo).await;
+    Some(Rig::start(provider, rt, rest_bound).await)
+}
+
 fn runtime_and_plugin(test: &str) -> Option<(RuntimeBinary, String)> {
     let bin = runtime_or_skip(test)?;
     if !runtime::version_at_least(&bin.version, MATRIX_PLUGIN_SINCE) {
@@ -651,12 +660,9 @@ async fn wake_with_grandchild(rig: Arc<Rig>, root: String, name: &'static str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn omo_wake_before_the_child_really_ends_does_not_hang() {
     let test = "omo_wake_before_the_child_really_ends_does_not_hang";
-    let Some((bin, plugin)) = runtime_and_plugin(test) else {
+    let Some(rig) = omo_rig(test, omo_config(), REST_BOUND).await else {
         return;
     };
-    let provider = ScriptedProvider::start().await;
-    let rt = Runtime::start_with_omo(&bin, &plugin, &provider.base_url(), omo_config()).await;
-    let rig = Rig::start(provider, rt, REST_BOUND).await;
     let cells: Vec<CellFuture> = vec![
         gated(
             &rig,
@@ -690,18 +696,15 @@ async fn omo_wake_before_the_child_really_ends_does_not_hang() {
 /// oh-my-opencode's other shapes, in one runtime: wake mode with a child alone,
 /// `background_output` in block mode (child alone, child with a grandchild, where the plugin
 /// hands the root a premature "Task Result" and aborts the child), a failing child (the plugin
-/// never reports it, so only the liveness bound releases it), a child aborted while its
+/// never reports it nor wakes the root: its failure answers the launch), a child aborted while its
 /// grandchild works (the plugin wakes it again when the grandchild ends, and it finishes), and
 /// an aborted grandchild. Each is released with its own verdict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn omo_block_and_failure_cells_are_released_with_their_verdicts() {
     let test = "omo_block_and_failure_cells_are_released_with_their_verdicts";
-    let Some((bin, plugin)) = runtime_and_plugin(test) else {
+    let Some(rig) = omo_rig(test, omo_config(), REST_BOUND).await else {
         return;
     };
-    let provider = ScriptedProvider::start().await;
-    let rt = Runtime::start_with_omo(&bin, &plugin, &provider.base_url(), omo_config()).await;
-    let rig = Rig::start(provider, rt, REST_BOUND).await;
     let cells: Vec<CellFuture> = vec![
         gated(
             &rig,
@@ -816,16 +819,13 @@ async fn abort(rig: &Rig, session: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn omo_without_wakes_is_released_once_the_tree_rests() {
     let test = "omo_without_wakes_is_released_once_the_tree_rests";
-    let Some((bin, plugin)) = runtime_and_plugin(test) else {
-        return;
-    };
-    let provider = ScriptedProvider::start().await;
     let mut omo = omo_config();
     // Under "[opencode]" like every plugin-only key: at the top level it fails the plugin's
     // validation, which drops the agent overrides too (the grandchild then asks a hosted model).
     omo["[opencode]"]["disabled_hooks"] = json!(["background-notification"]);
-    let rt = Runtime::start_with_omo(&bin, &plugin, &provider.base_url(), omo).await;
-    let rig = Rig::start(provider, rt, QUIET_REST_BOUND).await;
+    let Some(rig) = omo_rig(test, omo, QUIET_REST_BOUND).await else {
+        return;
+    };
     let cells: Vec<CellFuture> = vec![
         gated(
             &rig,

@@ -174,6 +174,30 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// taskgate in front of this double (settle window 100 ms, poll interval 50 ms, then
+    /// `tune`), until the returned token is cancelled; returns its URL.
+    pub async fn behind_taskgate(
+        &self,
+        tune: impl FnOnce(&mut taskgate::config::Config),
+    ) -> (String, CancellationToken) {
+        let mut config = taskgate::config::Config::defaults();
+        config.proxy.upstream = self.url.clone();
+        config.gate.settle_window = taskgate::config::HumanDuration(Duration::from_millis(100));
+        config.oracle.poll_interval = taskgate::config::HumanDuration(Duration::from_millis(50));
+        tune(&mut config);
+        let shutdown = CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(taskgate::cmd::stack::run(
+            listener,
+            config,
+            shutdown.clone(),
+        ));
+        (proxy, shutdown)
+    }
+}
+
 /// Polls `condition` until it holds or `within` passes; panics with `what` then.
 pub async fn eventually(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;

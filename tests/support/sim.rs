@@ -90,6 +90,18 @@ pub async fn stack(options: SimOptions, tune: impl FnOnce(&mut Config)) -> Stack
     }
 }
 
+/// The first `task` tool part in a session's history (`GET /session/:id/message`).
+pub fn task_part(history: &Value) -> Value {
+    history
+        .as_array()
+        .expect("a history is a list")
+        .iter()
+        .flat_map(|m| m["parts"].as_array().into_iter().flatten())
+        .find(|p| p["tool"] == "task")
+        .cloned()
+        .expect("the launch part")
+}
+
 /// Sends a request; returns the status and the body parsed as JSON (`Null` when empty).
 pub async fn call(method: Method, url: &str, body: Option<Value>) -> (u16, Value) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
