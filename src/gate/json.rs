@@ -43,11 +43,18 @@ pub(super) async fn prompt(
         Err(passthrough) => return passthrough,
     };
     let guard = inner.holds.open(HoldKind::Prompt, &session.id, &session.id);
+    // A compressed reply is never sent back as it came: once committed, the headers that said
+    // so are gone; the latest message, read as plain JSON, replaces it.
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| e.as_bytes() != b"identity");
     let mut wait = Box::pin(release_prompt(
         gate.clone(),
         session,
         guard,
         original.clone(),
+        encoded,
     ));
     let commit_at = received + inner.config.prompt_commit_after.0;
     tokio::select! {
@@ -115,6 +122,7 @@ async fn release_prompt(
     session: SessionRef,
     guard: HoldGuard,
     original: Bytes,
+    encoded: bool,
 ) -> Result<Reply, HoldError> {
     let inner = &gate.inner;
     let deadline = Instant::now() + inner.config.max_hold.0;
@@ -153,7 +161,7 @@ async fn release_prompt(
         return Err(HoldError::Gone { session });
     }
     let verdict = decision.verdict.name();
-    if !decision.background {
+    if !decision.background && !encoded {
         // Nothing happened after the reply was made: it already is the last word.
         return Ok(Reply {
             verdict,
