@@ -16,6 +16,8 @@
 mod provider;
 #[path = "support/runtime.rs"]
 mod runtime;
+#[path = "support/wrap.rs"]
+mod wrap;
 
 use std::time::{Duration, Instant};
 
@@ -23,8 +25,8 @@ use provider::{
     RecordedRequest, ScriptedProvider, Turn, OMO_CHILD_FINAL, OMO_CHILD_PARTIAL, OMO_PARENT_READ,
 };
 use runtime::{
-    http_post_json, omo_config, omo_plugin_or_skip, plugin_url, runtime_or_skip, start_model_face,
-    Runtime, RuntimeBinary,
+    http_post_json, omo_config, omo_plugin_or_skip, plugin_url, runtime_or_skip, sandbox_for,
+    start_model_face, Runtime, RuntimeBinary, RuntimeOptions,
 };
 use serde_json::{json, Value};
 
@@ -308,4 +310,78 @@ async fn through_the_model_face_the_parent_reads_the_truth_instead_of_the_premat
         tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
     }
     shutdown.cancel();
+}
+
+/// The acceptance of "the model side with no configuration": only the user's own
+/// `opencode.json` (the scripted provider, the plugin) and `taskgate wrap -- opencode run`.
+/// The wrapper points the runtime's providers at its model face by itself, so the plugin's
+/// premature `Task Result` never reaches the model, which reads the child's real final answer;
+/// the run then prints the parent's last answer and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrapped_omo_run_never_lets_the_premature_task_result_reach_the_model() {
+    let test = "wrapped_omo_run_never_lets_the_premature_task_result_reach_the_model";
+    let Some((bin, plugin)) = runtime_and_plugin(test) else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    let sandbox = sandbox_for(
+        &provider.base_url(),
+        &RuntimeOptions {
+            plugins: vec![plugin],
+            omo_config: Some(omo_config()),
+            ..RuntimeOptions::default()
+        },
+    );
+    let mut cmd = wrap::wrap_command(
+        &bin.path,
+        &["--strict"],
+        &["run", "OMO-PARENT-wrapped: delegate this."],
+        sandbox.path(),
+    );
+    cmd.env("OMO_DISABLE_POSTHOG", "1");
+    let run = cmd.spawn().unwrap();
+
+    // The grandchild is held by the scripted model and the child has ended its first turn
+    // with its partial text: the plugin calls the child done from here on.
+    provider
+        .wait_for("the child's partial answer, grandchild held", STEP, |rs| {
+            rs.iter()
+                .any(|r| r.turn == Some(Turn::ChildHold("wrapped".into())))
+                && rs
+                    .iter()
+                    .any(|r| r.turn == Some(Turn::Omo(provider::OmoTurn::ChildPartial)))
+        })
+        .await;
+    let leaked = provider
+        .arrives_within(CLAIM_WINDOW, |rs| rs.iter().any(is_parent_read))
+        .await;
+    assert!(
+        !leaked,
+        "the model got the premature claim while the grandchild was held:\n{}",
+        parent_read(&provider)
+            .map(|r| background_output_result(&r))
+            .unwrap_or_default()
+    );
+
+    let released = Instant::now();
+    provider.release("wrapped");
+    let out = wrap::finish(run).await;
+    let read = parent_read(&provider).unwrap_or_else(|| {
+        panic!(
+            "the root never read the background output: {out:?}\n{}",
+            provider.describe()
+        )
+    });
+    let truth = background_output_result(&read);
+    assert!(read.received > released);
+    assert!(
+        truth.starts_with("[taskgate]") && truth.contains(OMO_CHILD_FINAL),
+        "the model did not read the child's real answer: {truth}"
+    );
+    assert!(!truth.contains(OMO_CHILD_PARTIAL), "{truth}");
+    assert!(out.status.success(), "wrapped run: {out:?}");
+    assert!(
+        out.stdout.contains(OMO_PARENT_READ),
+        "the run did not print the parent's last answer: {out:?}"
+    );
 }

@@ -7,13 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
+use crate::model::providers::overlay;
 use crate::oracle::{Oracle, SessionRef, Verdict};
 use crate::wrap::{
-    absolute, attend, bind, free_port, log_path, now_ms, parse, Ended, Runtime, Shape, Signals,
-    WrapError, EXIT_STRICT,
+    absolute, attend, bind, discover_providers, free_port, log_path, now_ms, parse, Ended, Runtime,
+    Shape, Signals, WrapError, EXIT_STRICT,
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -29,6 +31,10 @@ pub struct WrapArgs {
     /// was aborted (for CI).
     #[arg(long)]
     pub strict: bool,
+    /// Leave the model face off: the runtime's providers are not pointed at it (one runtime
+    /// start instead of two; the client face still holds every claim it carries).
+    #[arg(long)]
+    pub no_model: bool,
     /// Print where the runtime, the proxy and the runtime's log are.
     #[arg(short, long)]
     pub verbose: bool,
@@ -100,11 +106,29 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
         Shape::Serve { runtime_args, .. } | Shape::Tui { runtime_args, .. } => runtime_args.clone(),
         Shape::Run { .. } => Vec::new(),
     };
+    let model = if args.no_model {
+        None
+    } else {
+        model_side(
+            &plan.prefix,
+            &runtime_args,
+            runtime_dir.as_deref(),
+            &mut config,
+            &mut signals,
+            args.verbose,
+        )
+        .await?
+    };
+    let (model_listener, runtime_env) = match model {
+        Some((listener, overlay)) => (Some(listener), vec![(CONFIG_CONTENT_ENV, overlay)]),
+        None => (None, Vec::new()),
+    };
     let mut runtime = Runtime::start(
         &plan.prefix,
         runtime_port,
         &runtime_args,
         runtime_dir.as_deref(),
+        &runtime_env,
         log,
     )?;
     if args.verbose {
@@ -120,7 +144,12 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
     }
 
     let proxy_shutdown = CancellationToken::new();
-    let stack = super::stack::start(config.clone(), listener, None, proxy_shutdown.clone());
+    let stack = super::stack::start(
+        config.clone(),
+        listener,
+        model_listener,
+        proxy_shutdown.clone(),
+    );
     let proxy_url = format!("http://{proxy_addr}");
     if args.verbose {
         eprintln!("taskgate wrap: proxy {proxy_url} -> runtime {runtime_url}");
@@ -202,6 +231,86 @@ async fn wrap(args: WrapArgs) -> Result<u8, WrapError> {
     }
     runtime.stop().await;
     outcome
+}
+
+/// The variable the runtime merges over every configuration file (present in 1.18.33).
+const CONFIG_CONTENT_ENV: &str = "OPENCODE_CONFIG_CONTENT";
+
+/// Turns the model face on for the runtime about to start: finds its providers
+/// ([`discover_providers`]), binds the face on a free loopback port, routes each provider
+/// through it (`config.model`), and returns the listener with the `OPENCODE_CONFIG_CONTENT`
+/// that points the providers there. `None` (said on stderr): nothing can be routed; the client
+/// face runs alone, as with `--no-model`.
+async fn model_side(
+    prefix: &[String],
+    runtime_args: &[String],
+    dir: Option<&Path>,
+    config: &mut Config,
+    signals: &mut Signals,
+    verbose: bool,
+) -> Result<Option<(TcpListener, String)>, WrapError> {
+    let started = std::time::Instant::now();
+    let Some(resolved) =
+        discover_providers(prefix, runtime_args, dir, config, signals, log_path()).await?
+    else {
+        eprintln!("taskgate wrap: this opencode lists no providers (GET /config/providers); the model face stays off");
+        return Ok(None);
+    };
+    for (id, why) in &resolved.direct {
+        tracing::info!(provider = %id, why = %why, "model face: provider left direct");
+    }
+    if resolved.routed.is_empty() {
+        eprintln!("taskgate wrap: no provider can be routed through the model face; it stays off");
+        return Ok(None);
+    }
+    let listener = bind("127.0.0.1:0").await?;
+    let face = listener
+        .local_addr()
+        .map_err(|source| WrapError::PortTaken {
+            addr: "127.0.0.1:0".to_owned(),
+            source,
+        })?;
+    let existing = std::env::var(CONFIG_CONTENT_ENV).ok();
+    let overlay = match overlay(
+        &format!("http://{face}"),
+        &resolved.routed,
+        existing.as_deref(),
+    ) {
+        Ok(overlay) => overlay,
+        Err(e) => {
+            eprintln!("taskgate wrap: {e}; the model face stays off");
+            return Ok(None);
+        }
+    };
+    if verbose {
+        let routes: Vec<String> = resolved
+            .routed
+            .iter()
+            .map(|(id, url)| format!("{id} -> {url}"))
+            .collect();
+        eprintln!(
+            "taskgate wrap: model face http://{face} ({}; found in {:.1?}){}",
+            routes.join(", "),
+            started.elapsed(),
+            if resolved.direct.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; direct: {}",
+                    resolved
+                        .direct
+                        .iter()
+                        .map(|(id, why)| format!("{id} ({why})"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+    }
+    config.model.enabled = true;
+    config.model.listen = face;
+    config.model.providers = resolved.routed;
+    Ok(Some((listener, overlay)))
 }
 
 /// `--strict`: reads the run's session trees and, if a session in one failed or was aborted,

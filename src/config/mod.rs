@@ -10,8 +10,9 @@
 
 mod validate;
 
-pub use validate::{provider_url, upstream_authority};
+pub use validate::{provider_id_is_routable, provider_url, upstream_authority};
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("TASKGATE_POLL_INTERVAL", "oracle.poll_interval"),
     ("TASKGATE_MODEL", "model.enabled"),
     ("TASKGATE_MODEL_LISTEN", "model.listen"),
+    ("TASKGATE_MODEL_PROVIDERS", "model.providers"),
     ("TASKGATE_LOG", "log.filter"),
     ("TASKGATE_LOG_FORMAT", "log.format"),
 ];
@@ -311,6 +313,13 @@ pub struct ModelConfig {
     pub openai_responses: String,
     /// Real provider behind `/anthropic` (Anthropic messages).
     pub anthropic: String,
+    /// Named providers: requests under `/p/<id>` go to the URL given for `<id>`, whatever its
+    /// format (the format is told by the path, as under the three prefixes above). This is
+    /// what `taskgate wrap` and `taskgate model-env` fill from the runtime's own provider list,
+    /// so that every provider of the user's configuration has a route (docs/model-side.md).
+    /// In the environment: `TASKGATE_MODEL_PROVIDERS="id=url,id=url"`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub providers: BTreeMap<String, String>,
     /// Tool names whose results can claim a child is done (an `mcp_` prefix also matches).
     pub claim_tools: Vec<String>,
     /// Longest a model request is held. Must stay below the runtime's provider timeouts
@@ -330,6 +339,7 @@ impl Default for ModelConfig {
             openai_chat: "https://api.openai.com/v1".to_owned(),
             openai_responses: "https://api.openai.com/v1".to_owned(),
             anthropic: "https://api.anthropic.com/v1".to_owned(),
+            providers: BTreeMap::new(),
             claim_tools: crate::claims::DEFAULT_TOOLS.map(String::from).to_vec(),
             max_hold: HumanDuration(Duration::from_secs(240)),
             inspect_limit_bytes: 64 * 1024 * 1024,
@@ -518,9 +528,13 @@ fn set_key(table: &mut toml::Table, key: &str, raw: String) -> Result<(), Config
     let (section, field) = key
         .split_once('.')
         .ok_or_else(|| ConfigError::invalid(key, "override key must be section.field"))?;
-    let value = match raw.parse::<toml::Value>() {
-        Ok(v @ (toml::Value::Boolean(_) | toml::Value::Integer(_))) if takes_scalar(key) => v,
-        _ => toml::Value::String(raw),
+    let value = if key == "model.providers" {
+        provider_table(&raw)?
+    } else {
+        match raw.parse::<toml::Value>() {
+            Ok(v @ (toml::Value::Boolean(_) | toml::Value::Integer(_))) if takes_scalar(key) => v,
+            _ => toml::Value::String(raw),
+        }
     };
     let entry = table
         .entry(section.to_owned())
@@ -532,6 +546,25 @@ fn set_key(table: &mut toml::Table, key: &str, raw: String) -> Result<(), Config
         }
         _ => Err(ConfigError::invalid(section, "must be a table ([section])")),
     }
+}
+
+/// `TASKGATE_MODEL_PROVIDERS`: `id=url` pairs separated by commas (a URL holds no comma a
+/// provider would need), read into the `[model.providers]` table.
+fn provider_table(raw: &str) -> Result<toml::Value, ConfigError> {
+    let mut table = toml::Table::new();
+    for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((id, url)) = pair.split_once('=') else {
+            return Err(ConfigError::invalid(
+                "model.providers",
+                "expected id=url pairs separated by commas, e.g. \"openai=https://api.openai.com/v1\"",
+            ));
+        };
+        table.insert(
+            id.trim().to_owned(),
+            toml::Value::String(url.trim().to_owned()),
+        );
+    }
+    Ok(toml::Value::Table(table))
 }
 
 /// Whether `section.field`'s default is a boolean or an integer: the schema itself says which
@@ -644,6 +677,36 @@ mod tests {
         assert_eq!(c.model.runtime_url(&c.proxy), "http://127.0.0.1:4096");
         let c = Config::from_toml_str("t", "[model]\nruntime = \"http://127.0.0.1:9\"\n").unwrap();
         assert_eq!(c.model.runtime_url(&c.proxy), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn named_providers_come_from_the_file_or_the_environment() {
+        let c = Config::from_toml_str("t", "[model.providers]\nmock = \"http://127.0.0.1:9/v1\"\n")
+            .unwrap();
+        assert_eq!(c.model.providers["mock"], "http://127.0.0.1:9/v1");
+        let env = |name: &str| {
+            (name == "TASKGATE_MODEL_PROVIDERS")
+                .then(|| "a=http://127.0.0.1:1/v1, b.x=https://example.com".to_owned())
+        };
+        let c = Config::load_with_env(None, &Overrides::default(), env).unwrap();
+        assert_eq!(c.model.providers.len(), 2);
+        assert_eq!(c.model.providers["b.x"], "https://example.com");
+    }
+
+    #[test]
+    fn a_provider_id_that_cannot_be_a_path_segment_or_a_bad_url_is_named() {
+        let err = Config::from_toml_str("t", "[model.providers]\n\"a/b\" = \"http://x/v1\"\n")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("model.providers.a/b"), "{err}");
+        let env = |name: &str| (name == "TASKGATE_MODEL_PROVIDERS").then(|| "nourl".to_owned());
+        let err = Config::load_with_env(None, &Overrides::default(), env).unwrap_err();
+        assert!(err.to_string().starts_with("model.providers"), "{err}");
+        let text = "[model.providers]\nx = \"https://k:hunter2@api.example.com/v1\"\n";
+        let msg = Config::from_toml_str("t", text).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("model.providers.x") && !msg.contains("hunter2"),
+            "{msg}"
+        );
     }
 
     #[test]

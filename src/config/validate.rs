@@ -109,6 +109,16 @@ impl Config {
         ] {
             provider_url(url).map_err(|message| ConfigError::invalid(key, message))?;
         }
+        for (id, url) in &model.providers {
+            let key = format!("model.providers.{id}");
+            if !provider_id_is_routable(id) {
+                return Err(ConfigError::invalid(
+                    &key,
+                    "a provider id may hold only letters, digits, '.', '_' and '-' (it becomes the path /p/<id>)",
+                ));
+            }
+            provider_url(url).map_err(|message| ConfigError::invalid(&key, message))?;
+        }
         if model.max_hold.0.is_zero() {
             return Err(ConfigError::invalid(
                 "model.max_hold",
@@ -129,6 +139,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `id` can be one path segment of `/p/<id>` as written, with nothing to escape.
+pub fn provider_id_is_routable(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id != "."
+        && id != ".."
 }
 
 /// Checks that `upstream` is an `http://host:port` URL and returns its authority.

@@ -18,7 +18,7 @@ use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode, Uri};
 
 use super::format::Format;
-use super::{check, ModelFace, Route, PREFIXES};
+use super::{check, ModelFace, Route};
 use crate::proxy::body::read_limited;
 use crate::proxy::error::{json_response, ProxyError};
 use crate::proxy::headers;
@@ -28,8 +28,8 @@ pub(super) async fn handle(State(face): State<ModelFace>, req: Request) -> Respo
     let inner = &face.inner;
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
-    let Some(route) = inner.routes.iter().find(|r| under(&path, r.prefix)) else {
-        return no_route(&path);
+    let Some(route) = inner.routes.iter().find(|r| under(&path, &r.prefix)) else {
+        return no_route(&path, &inner.routes);
     };
     let rest = &path[route.prefix.len()..];
     let format = (parts.method == Method::POST && inspectable(&parts.headers))
@@ -37,7 +37,7 @@ pub(super) async fn handle(State(face): State<ModelFace>, req: Request) -> Respo
         .flatten();
     parts.uri = match target(route, rest, parts.uri.query()) {
         Some(uri) => uri,
-        None => return no_route(&path),
+        None => return no_route(&path, &inner.routes),
     };
     parts.version = http::Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -47,7 +47,7 @@ pub(super) async fn handle(State(face): State<ModelFace>, req: Request) -> Respo
         Some(format) => match read_limited(body, inner.inspect_limit).await {
             Err(passthrough) => {
                 tracing::warn!(
-                    prefix = route.prefix,
+                    prefix = %route.prefix,
                     limit = inner.inspect_limit,
                     "model request too large to inspect; forwarded unread"
                 );
@@ -76,7 +76,7 @@ pub(super) async fn handle(State(face): State<ModelFace>, req: Request) -> Respo
         Ok(response) => response,
         Err(e) => {
             let error = ProxyError::from_client(&e);
-            tracing::warn!(prefix = route.prefix, kind = error.kind(), error = ?e, "model provider request failed");
+            tracing::warn!(prefix = %route.prefix, kind = error.kind(), error = ?e, "model provider request failed");
             return provider_error(&error, route);
         }
     };
@@ -121,15 +121,16 @@ fn target(route: &Route, rest: &str, query: Option<&str>) -> Option<Uri> {
         .ok()
 }
 
-fn no_route(path: &str) -> Response<Body> {
+fn no_route(path: &str, routes: &[Route]) -> Response<Body> {
     tracing::debug!(%path, "model face: no provider prefix");
+    let prefixes: Vec<&str> = routes.iter().map(|r| r.prefix.as_str()).collect();
     json_response(
         StatusCode::NOT_FOUND,
         &serde_json::json!({"error": {
             "kind": "no_provider_route",
             "message": format!(
                 "taskgate's model face forwards only under {}; point the provider's baseURL at one of them",
-                PREFIXES.join(", ")
+                prefixes.join(", ")
             ),
         }}),
     )
@@ -157,14 +158,7 @@ mod tests {
     use super::*;
 
     fn route(url: &str) -> Route {
-        let uri: Uri = url.parse().unwrap();
-        Route {
-            prefix: "/openai-chat",
-            scheme: uri.scheme().unwrap().clone(),
-            authority: uri.authority().unwrap().clone(),
-            base_path: uri.path().trim_end_matches('/').to_owned(),
-            url: url.to_owned(),
-        }
+        Route::new("/openai-chat".to_owned(), "test", url).unwrap()
     }
 
     #[test]
@@ -178,5 +172,7 @@ mod tests {
         assert_eq!(target(&bare, "", None).unwrap(), "http://127.0.0.1:9/");
         assert!(under("/openai-chat/models", "/openai-chat"));
         assert!(!under("/openai-chatty", "/openai-chat"));
+        assert!(under("/p/mock/chat/completions", "/p/mock"));
+        assert!(!under("/p/mockery/chat/completions", "/p/mock"));
     }
 }

@@ -13,11 +13,13 @@
 //! replaced by the truth. Everything else, and every response, streams through untouched.
 //!
 //! Module map: [`format`](mod@format) (the three request formats, pure), `check` (claims →
-//! verdicts → truthful text), [`truth`] (the oracle behind a trait), `forward` (the HTTP path).
+//! verdicts → truthful text), [`truth`] (the oracle behind a trait), `forward` (the HTTP path),
+//! [`providers`] (every provider of the runtime routed through `/p/<id>`, for `taskgate wrap`).
 
 mod check;
 pub mod format;
 mod forward;
+pub mod providers;
 pub mod truth;
 
 use std::sync::Arc;
@@ -58,16 +60,41 @@ pub enum ModelError {
     Io(#[from] std::io::Error),
 }
 
+/// The prefix of the named providers of `[model.providers]`: `/p/<id>`.
+pub const NAMED_PREFIX: &str = "/p";
+
 /// One provider: where requests under `prefix` go.
 #[derive(Debug, Clone)]
 struct Route {
-    prefix: &'static str,
+    /// `/openai-chat`, `/openai-responses`, `/anthropic` or `/p/<id>`.
+    prefix: String,
     scheme: Scheme,
     authority: Authority,
     /// The provider URL's path (`/v1`), without a trailing slash.
     base_path: String,
     /// As configured, for error bodies (it holds no secret: credentials travel in headers).
     url: String,
+}
+
+impl Route {
+    fn new(prefix: String, key: &'static str, url: &str) -> Result<Route, ModelError> {
+        let uri = crate::config::provider_url(url)
+            .map_err(|message| ModelError::Config { key, message })?;
+        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
+        else {
+            return Err(ModelError::Config {
+                key,
+                message: format!("{url:?} has no scheme or host"),
+            });
+        };
+        Ok(Route {
+            prefix,
+            scheme,
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+            url: url.to_owned(),
+        })
+    }
 }
 
 /// The model face's handle; cheap to clone.
@@ -101,22 +128,14 @@ impl ModelFace {
             ),
             (PREFIXES[2], "model.anthropic", &model.anthropic),
         ] {
-            let uri = crate::config::provider_url(url)
-                .map_err(|message| ModelError::Config { key, message })?;
-            let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
-            else {
-                return Err(ModelError::Config {
-                    key,
-                    message: format!("{url:?} has no scheme or host"),
-                });
-            };
-            routes.push(Route {
-                prefix,
-                scheme,
-                authority,
-                base_path: uri.path().trim_end_matches('/').to_owned(),
-                url: url.clone(),
-            });
+            routes.push(Route::new(prefix.to_owned(), key, url)?);
+        }
+        for (id, url) in &model.providers {
+            routes.push(Route::new(
+                format!("{NAMED_PREFIX}/{id}"),
+                "model.providers",
+                url,
+            )?);
         }
         let mut http = HttpConnector::new();
         http.enforce_http(false);

@@ -9,11 +9,13 @@
 //! - `session`: sessions, statuses, health.
 //! - `message`: messages, parts, the tool state machine, background launches.
 //! - `event`: events and their envelopes.
+//! - `provider`: the resolved provider list (`GET /config/providers`), keys never kept.
 //! - `text`: `<task …>` reports, `key: value` lines, oh-my-opencode launch texts.
 //! - [`sse`]: the one SSE framer every stream reader uses.
 
 mod event;
 mod message;
+mod provider;
 mod session;
 pub mod sse;
 mod text;
@@ -25,6 +27,7 @@ pub use message::{
     BackgroundLaunch, LaunchStyle, Message, MessageError, MessageInfo, MessageTime, Part, PartIds,
     Role, StepPart, TextPart, ToolPart, ToolState, ToolStatus, ToolTime,
 };
+pub use provider::{ModelApi, Provider, ProviderList, ProviderModel, ProviderOptions};
 pub use session::{Health, Session, SessionStatus, SessionTime, StatusMap};
 pub use text::{line_value, omo_launch, task_tags, OmoLaunch, TaskTag};
 

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 
 use crate::config::Config;
-use crate::opencode::{Health, Message, Session, StatusMap};
+use crate::opencode::{Health, Message, ProviderList, Session, StatusMap};
 
 use super::SessionRef;
 
@@ -125,6 +125,13 @@ impl RuntimeClient {
     /// `GET /global/health`.
     pub async fn health(&self) -> Result<Health, ClientError> {
         self.get_json("/global/health", &[]).await
+    }
+
+    /// `GET /config/providers`: the providers the runtime resolved for `directory`. Read by
+    /// `taskgate wrap` to route each one through the model face; never by the oracle itself.
+    pub async fn providers(&self, directory: Option<&str>) -> Result<ProviderList, ClientError> {
+        self.get_json("/config/providers", &dir_query(directory))
+            .await
     }
 
     /// `GET /session/status`: only non-idle sessions are listed.

@@ -24,7 +24,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::config::{Config, ConfigError};
-use crate::oracle::client::RuntimeClient;
+use crate::model::providers::Resolved;
+use crate::opencode::ProviderList;
+use crate::oracle::client::{ClientError, RuntimeClient};
 
 pub use shape::{parse, Plan, Shape, ShapeError};
 
@@ -197,11 +199,14 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
+    /// Starts `<prefix> serve` on `port` with `extra` flags, in `dir`, with `env` added to the
+    /// wrapper's own environment.
     pub(crate) fn start(
         prefix: &[String],
         port: u16,
         extra: &[String],
         dir: Option<&Path>,
+        env: &[(&str, String)],
         log: PathBuf,
     ) -> Result<Runtime, WrapError> {
         let file = std::fs::File::create(&log).map_err(|source| WrapError::Log {
@@ -223,6 +228,7 @@ impl Runtime {
                 "127.0.0.1",
             ])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err_file)
@@ -280,6 +286,40 @@ impl Runtime {
         }
     }
 
+    /// `GET /config/providers`, asked until it answers (the first request of a fresh runtime
+    /// loads its configuration and plugins), the runtime exits, a signal comes or the start
+    /// deadline passes. `Ok(None)`: the runtime answers but has no such route (an older
+    /// release), so there is nothing to route.
+    pub(crate) async fn providers(
+        &mut self,
+        config: &Config,
+        signals: &mut Signals,
+    ) -> Result<Option<ProviderList>, WrapError> {
+        let client = RuntimeClient::new(config);
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            tokio::select! {
+                status = self.child.wait() => return Err(self.died(status)),
+                sig = signals.recv() => {
+                    return Err(self.failure(format!("was stopped during start-up (signal {sig})")))
+                }
+                answer = client.providers(None) => match answer {
+                    Ok(list) => return Ok(Some(list)),
+                    Err(ClientError::NotFound { .. } | ClientError::BadReply { .. }) => {
+                        return Ok(None)
+                    }
+                    Err(e) => tracing::debug!(error = %e, "provider list not read yet"),
+                },
+            }
+            if Instant::now() > deadline {
+                return Err(self.failure(format!(
+                    "did not answer GET /config/providers within {START_DEADLINE:?}"
+                )));
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+
     pub(crate) fn died(&self, status: std::io::Result<ExitStatus>) -> WrapError {
         let what = match status {
             Ok(s) => format!("exited unexpectedly ({s})"),
@@ -310,6 +350,31 @@ impl Runtime {
             kill(-self.pid, libc::SIGKILL);
         }
     }
+}
+
+/// Which of the providers the runtime resolves can go through the model face, and where each
+/// really goes: a throwaway runtime, started as the real one will be (same command, flags,
+/// directory and environment), is asked `GET /config/providers` and stopped. Its log goes to
+/// `log` (the real runtime's start overwrites it). `Ok(None)`: the runtime has no provider list
+/// to read (an older release).
+pub(crate) async fn discover_providers(
+    prefix: &[String],
+    runtime_args: &[String],
+    dir: Option<&Path>,
+    config: &Config,
+    signals: &mut Signals,
+    log: PathBuf,
+) -> Result<Option<Resolved>, WrapError> {
+    let port = free_port().await?;
+    let mut config = config.clone();
+    config.proxy.upstream = format!("http://127.0.0.1:{port}");
+    let mut runtime = Runtime::start(prefix, port, runtime_args, dir, &[], log)?;
+    let list = match runtime.wait_healthy(&config, signals).await {
+        Ok(()) => runtime.providers(&config, signals).await,
+        Err(e) => Err(e),
+    };
+    runtime.stop().await;
+    Ok(list?.map(|list| crate::model::providers::resolve(&list)))
 }
 
 /// How the client ended, with its exit code.

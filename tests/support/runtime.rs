@@ -406,6 +406,32 @@ pub fn sandbox_dir(provider_base_url: &str) -> tempfile::TempDir {
     sandbox_with(&sandbox_config(provider_base_url))
 }
 
+/// The folder [`Runtime::start`] runs in for `opts`: [`sandbox_config`] with the plugins and
+/// extra keys of `opts`, and oh-my-opencode's `.omo/omo.json` when given (also for tests that
+/// start the runtime through `taskgate wrap`).
+pub fn sandbox_for(provider_base_url: &str, opts: &RuntimeOptions) -> tempfile::TempDir {
+    let mut config = sandbox_config(provider_base_url);
+    if !opts.plugins.is_empty() {
+        config["plugin"] = json!(opts.plugins);
+    }
+    if let Some(Value::Object(extra)) = &opts.config {
+        for (k, v) in extra {
+            config[k] = v.clone();
+        }
+    }
+    let dir = sandbox_with(&config);
+    if let Some(omo) = &opts.omo_config {
+        std::fs::create_dir_all(dir.path().join("project/.omo")).unwrap();
+        std::fs::write(
+            dir.path().join("project/.omo/omo.json"),
+            serde_json::to_string_pretty(omo).unwrap(),
+        )
+        .unwrap();
+    }
+
+    dir
+}
+
 /// How to start a runtime.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeOptions {
@@ -496,24 +522,7 @@ impl Runtime {
         opts: RuntimeOptions,
     ) -> Runtime {
         let started = Instant::now();
-        let mut config = sandbox_config(provider_base_url);
-        if !opts.plugins.is_empty() {
-            config["plugin"] = json!(opts.plugins);
-        }
-        if let Some(Value::Object(extra)) = &opts.config {
-            for (k, v) in extra {
-                config[k] = v.clone();
-            }
-        }
-        let dir = sandbox_with(&config);
-        if let Some(omo) = &opts.omo_config {
-            std::fs::create_dir_all(dir.path().join("project/.omo")).unwrap();
-            std::fs::write(
-                dir.path().join("project/.omo/omo.json"),
-                serde_json::to_string_pretty(omo).unwrap(),
-            )
-            .unwrap();
-        }
+        let dir = sandbox_for(provider_base_url, &opts);
 
         let mut cmd = Command::new(&binary.path);
         cmd.args(["serve", "--port", "0", "--hostname", "127.0.0.1"]);
