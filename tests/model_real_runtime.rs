@@ -9,11 +9,13 @@
 mod provider;
 #[path = "support/runtime.rs"]
 mod runtime;
+#[path = "support/wrap.rs"]
+mod wrap;
 
 use std::time::{Duration, Instant};
 
 use provider::{ScriptedProvider, Turn, PARENT_FINAL};
-use runtime::{runtime_or_skip, start_model_face, Runtime, RuntimeOptions};
+use runtime::{runtime_or_skip, sandbox_dir, start_model_face, Runtime, RuntimeOptions};
 use serde_json::Value;
 
 const SETTLE: Duration = Duration::from_secs(90);
@@ -106,4 +108,143 @@ async fn final_texts(rt: &Runtime) -> Vec<String> {
         );
     }
     out
+}
+
+/// The one line `serve` users add (`eval "$(taskgate model-env)"`): the runtime started with
+/// its `OPENCODE_CONFIG_CONTENT` sends its provider's requests to the model face of a
+/// `taskgate serve` started with its `TASKGATE_MODEL*` variables, which forwards them to the
+/// provider's real URL. Nobody edited `opencode.json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_env_routes_the_users_provider_through_the_face_of_serve() {
+    let Some(bin) =
+        runtime_or_skip("model_env_routes_the_users_provider_through_the_face_of_serve")
+    else {
+        return;
+    };
+    let provider = ScriptedProvider::start().await;
+    let sandbox = sandbox_dir(&provider.base_url());
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (face, listen) = (free(), free());
+    let env = wrap::finish(
+        wrap::isolated(
+            std::path::Path::new(wrap::TASKGATE),
+            &[
+                "model-env",
+                "--model-listen",
+                &face.to_string(),
+                "--",
+                bin.path.to_str().unwrap(),
+            ],
+            sandbox.path(),
+        )
+        .spawn()
+        .unwrap(),
+    )
+    .await;
+    assert!(env.status.success(), "{env:?}");
+    let exports = parse_exports(&env.stdout);
+    let var = |name: &str| {
+        exports
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("model-env printed no {name}: {env:?}"))
+    };
+    // The user's provider, and the runtime's own built-in ones (OpenCode Zen), each with its
+    // real URL.
+    let pairs = var("TASKGATE_MODEL_PROVIDERS");
+    assert!(
+        pairs
+            .split(',')
+            .any(|p| p == format!("mock={}", provider.base_url())),
+        "{pairs}"
+    );
+    assert!(!env.stdout.contains("not-a-secret"), "{env:?}");
+
+    let rt = Runtime::start(
+        &bin,
+        &provider.base_url(),
+        RuntimeOptions {
+            env: vec![(
+                "OPENCODE_CONFIG_CONTENT".into(),
+                var("OPENCODE_CONFIG_CONTENT"),
+            )],
+            ..RuntimeOptions::default()
+        },
+    )
+    .await;
+    let providers = rt.get_json("/config/providers").await;
+    let mock = providers["providers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["id"] == "mock")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        mock["options"]["baseURL"],
+        format!("http://{face}/p/mock"),
+        "{providers}"
+    );
+
+    let mut serve = tokio::process::Command::new(wrap::TASKGATE)
+        .args([
+            "serve",
+            "--listen",
+            &listen.to_string(),
+            "--upstream",
+            rt.url(),
+        ])
+        .envs(
+            [
+                "TASKGATE_MODEL",
+                "TASKGATE_MODEL_LISTEN",
+                "TASKGATE_MODEL_PROVIDERS",
+            ]
+            .map(|k| (k, var(k))),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + SETTLE;
+    while tokio::net::TcpStream::connect(face).await.is_err() {
+        assert!(Instant::now() < deadline, "the model face never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
+    // The runtime's only way to its provider is now the face's /p/mock: the run's answer
+    // came through it.
+    let out = rt.run(rt.url(), &[], "Just say hello.").await;
+    assert!(out.status.success(), "{out:?}\n{}", provider.describe());
+    assert!(
+        provider
+            .chat_requests()
+            .iter()
+            .any(|r| r.text_of_role("user").contains("Just say hello.")),
+        "{}",
+        provider.describe()
+    );
+    serve.kill().await.unwrap();
+}
+
+/// `export NAME='value'` lines as a POSIX shell would read them.
+fn parse_exports(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("export "))
+        .filter_map(|rest| rest.split_once('='))
+        .map(|(k, v)| {
+            let v = v
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))
+                .unwrap_or(v)
+                .replace("'\\''", "'");
+            (k.to_owned(), v)
+        })
+        .collect()
 }

@@ -19,6 +19,7 @@ macro_rules! say {
 
 mod demo;
 mod logging;
+mod model_env;
 mod serve;
 mod signals;
 mod sim;
@@ -28,6 +29,7 @@ mod wrap;
 
 pub use demo::DemoArgs;
 pub use logging::init_tracing;
+pub use model_env::ModelEnvArgs;
 pub use signals::shutdown_on_signal;
 pub use sim::SimArgs;
 pub use wait::WaitArgs;
@@ -65,6 +67,9 @@ pub enum Command {
     /// Run an opencode command (`serve`, `run …`, the TUI) with taskgate in front of a private
     /// runtime: `taskgate wrap -- opencode run "…"`.
     Wrap(WrapArgs),
+    /// Print the shell lines that route every provider of the runtime through the model face
+    /// of `taskgate serve`: `eval "$(taskgate model-env)"`, then start both in that shell.
+    ModelEnv(ModelEnvArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +143,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Sim(args) => sim::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Wrap(args) => wrap::run(args).await,
+            Command::ModelEnv(args) => model_env::run(args).await,
         }
     })
 }

@@ -51,6 +51,8 @@ const EXIT_RUNTIME: u8 = 3;
 pub enum WrapError {
     #[error("{0}")]
     Shape(#[from] ShapeError),
+    #[error("{0}")]
+    Usage(String),
     #[error("config: {0}")]
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source} (is another opencode or taskgate running there?)")]
@@ -79,7 +81,10 @@ pub enum WrapError {
 impl WrapError {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
-            WrapError::Shape(_) | WrapError::Config(_) | WrapError::PortTaken { .. } => EXIT_USAGE,
+            WrapError::Shape(_)
+            | WrapError::Usage(_)
+            | WrapError::Config(_)
+            | WrapError::PortTaken { .. } => EXIT_USAGE,
             WrapError::Log { .. } | WrapError::Spawn { .. } | WrapError::Runtime { .. } => {
                 EXIT_RUNTIME
             }
