@@ -14,9 +14,11 @@
 //!
 //! Module map: [`format`](mod@format) (the three request formats, pure), `check` (claims →
 //! verdicts → truthful text), [`truth`] (the oracle behind a trait), `forward` (the HTTP path),
-//! [`providers`] (every provider of the runtime routed through `/p/<id>`, for `taskgate wrap`).
+//! [`providers`] (every provider of the runtime routed through `/p/<id>`, for `taskgate wrap`),
+//! `egress` (the trust store and the environment's proxy on the way to a provider).
 
 mod check;
+mod egress;
 pub mod format;
 mod forward;
 pub mod providers;
@@ -39,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::claims::ClaimTools;
 use crate::config::Config;
 use crate::oracle::Oracle;
+use egress::Egress;
 
 pub use truth::{Finding, Truth};
 
@@ -50,7 +53,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `anthropic` in `[model]`).
 pub const PREFIXES: [&str; 3] = ["/openai-chat", "/openai-responses", "/anthropic"];
 
-type ProviderClient = Client<HttpsConnector<HttpConnector>, Body>;
+type ProviderClient = Client<HttpsConnector<Egress>, Body>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -58,6 +61,8 @@ pub enum ModelError {
     Config { key: &'static str, message: String },
     #[error("model face: {0}")]
     Io(#[from] std::io::Error),
+    #[error("model face: TLS settings refused: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 /// The prefix of the named providers of `[model.providers]`: `/p/<id>`.
@@ -142,10 +147,10 @@ impl ModelFace {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.proxy.connect_timeout.0));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_tls_config(egress::tls_config()?)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(Egress::from_env(http));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
