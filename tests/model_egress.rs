@@ -25,8 +25,18 @@ fn free_port() -> SocketAddr {
         .unwrap()
 }
 
-/// `taskgate serve` with the model face on `face`, its OpenAI-chat provider at `provider`,
-/// and `env` (every proxy and certificate variable of the test's own environment removed).
+/// `GET /openai-chat/models` through a `taskgate serve` whose OpenAI-chat provider is
+/// `provider`, started with `env` (every proxy and certificate variable of the test's own
+/// environment removed) and stopped afterwards: the status and the whole reply.
+async fn models_via_face(provider: &str, env: &[(&str, &str)]) -> (u16, String) {
+    let face = free_port();
+    let mut taskgate = serve(face, provider, env).await;
+    let answer = get_models(face).await;
+    taskgate.kill().await.unwrap();
+    answer
+}
+
+/// `taskgate serve` with the model face on `face` (see [`models_via_face`]).
 async fn serve(face: SocketAddr, provider: &str, env: &[(&str, &str)]) -> Child {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
@@ -119,34 +129,30 @@ async fn provider(tls: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Arc<Mu
         while let Ok((tcp, _)) = listener.accept().await {
             let (tls, record) = (tls.clone(), record.clone());
             tokio::spawn(async move {
-                const REPLY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{\"data\":[]}";
                 match tls {
                     Some(tls) => {
-                        let Ok(mut s) = tls.accept(tcp).await else {
-                            return;
-                        };
-                        let head = read_head(&mut s).await;
-                        record
-                            .lock()
-                            .unwrap()
-                            .push(head.lines().next().unwrap_or("").to_owned());
-                        let _ = s.write_all(REPLY).await;
-                        let _ = s.shutdown().await;
+                        if let Ok(s) = tls.accept(tcp).await {
+                            answer(s, &record).await;
+                        }
                     }
-                    None => {
-                        let mut s = tcp;
-                        let head = read_head(&mut s).await;
-                        record
-                            .lock()
-                            .unwrap()
-                            .push(head.lines().next().unwrap_or("").to_owned());
-                        let _ = s.write_all(REPLY).await;
-                    }
+                    None => answer(tcp, &record).await,
                 }
             });
         }
     });
     (addr, seen)
+}
+
+/// Records the request line of one request on `s` and answers it `200 {"data":[]}`.
+async fn answer(mut s: impl AsyncReadExt + AsyncWriteExt + Unpin, record: &Mutex<Vec<String>>) {
+    const REPLY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{\"data\":[]}";
+    let head = read_head(&mut s).await;
+    record
+        .lock()
+        .unwrap()
+        .push(head.lines().next().unwrap_or("").to_owned());
+    let _ = s.write_all(REPLY).await;
+    let _ = s.shutdown().await;
 }
 
 /// An egress proxy that tunnels every `CONNECT` to `target`, whatever host it names (the
@@ -189,9 +195,7 @@ async fn http_proxy_from_the_environment_carries_provider_requests_through_conne
     let provider_url = format!("http://provider.invalid:{}/v1", provider_addr.port());
     let proxy_url = format!("http://user:pw@{proxy}");
 
-    let face = free_port();
-    let mut taskgate = serve(face, &provider_url, &[("HTTP_PROXY", &proxy_url)]).await;
-    let (status, reply) = get_models(face).await;
+    let (status, reply) = models_via_face(&provider_url, &[("HTTP_PROXY", &proxy_url)]).await;
     assert_eq!(status, 200, "{reply}");
     assert!(reply.ends_with("{\"data\":[]}"), "{reply}");
     let heads = proxy_seen.lock().unwrap().clone();
@@ -214,24 +218,19 @@ async fn http_proxy_from_the_environment_carries_provider_requests_through_conne
         provider_seen.lock().unwrap().clone(),
         vec!["GET /v1/models HTTP/1.1".to_owned()]
     );
-    taskgate.kill().await.unwrap();
 
     // NO_PROXY names the host: taskgate goes direct, which cannot resolve it.
-    let face = free_port();
-    let mut taskgate = serve(
-        face,
+    let (status, reply) = models_via_face(
         &provider_url,
         &[("HTTP_PROXY", &proxy_url), ("NO_PROXY", "provider.invalid")],
     )
     .await;
-    let (status, reply) = get_models(face).await;
     assert_eq!(status, 502, "{reply}");
     assert_eq!(
         proxy_seen.lock().unwrap().len(),
         1,
         "the proxy was asked again"
     );
-    taskgate.kill().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,31 +262,20 @@ async fn a_provider_signed_by_a_ca_in_the_system_store_is_trusted() {
     std::fs::write(&ca_file, ca.pem()).unwrap();
 
     // The CA is in the store taskgate reads (SSL_CERT_FILE, as OpenSSL and curl use it).
-    let face = free_port();
-    let mut taskgate = serve(
-        face,
+    let (status, reply) = models_via_face(
         &provider_url,
         &[("SSL_CERT_FILE", ca_file.to_str().unwrap())],
     )
     .await;
-    let (status, reply) = get_models(face).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(
         seen.lock().unwrap().clone(),
         vec!["GET /v1/models HTTP/1.1".to_owned()]
     );
-    taskgate.kill().await.unwrap();
 
     // Without it, the same provider is not trusted: an error, never an unverified connection.
-    let face = free_port();
-    let mut taskgate = serve(
-        face,
-        &provider_url,
-        &[("SSL_CERT_FILE", "/nonexistent/ca.pem")],
-    )
-    .await;
-    let (status, reply) = get_models(face).await;
+    let (status, reply) =
+        models_via_face(&provider_url, &[("SSL_CERT_FILE", "/nonexistent/ca.pem")]).await;
     assert_eq!(status, 502, "{reply}");
     assert_eq!(seen.lock().unwrap().len(), 1);
-    taskgate.kill().await.unwrap();
 }
