@@ -15,6 +15,7 @@
 mod events;
 pub mod holds;
 pub(crate) mod json;
+pub mod view;
 
 use std::sync::Arc;
 

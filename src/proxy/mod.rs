@@ -325,7 +325,7 @@ async fn handle(server: &Server, peer: SocketAddr, req: Request<Incoming>) -> Re
     }
     let path = req.uri().path();
     if path == ADMIN_PREFIX || path.starts_with("/_taskgate/") {
-        admin::handle(&server.state, peer, req).await
+        admin::handle(&server.state, &server.shutdown, peer, req).await
     } else {
         forward::forward(&server.state, &server.shutdown, &server.tunnels, peer, req).await
     }
