@@ -22,9 +22,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::holds::{HoldGuard, HoldKind};
 use super::Gate;
 use crate::claims::{self, render, Claim, Links};
+use crate::holds::{HoldGuard, HoldKind};
 use crate::opencode::sse::{self, Chunk, Framer};
 use crate::opencode::{Event, ToolPart};
 use crate::oracle::{Decision, OracleError, SessionRef, Verdict};

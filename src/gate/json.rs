@@ -13,9 +13,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::holds::{HoldGuard, HoldKind};
 use super::Gate;
 use crate::claims::{self, render, Links};
+use crate::holds::{HoldGuard, HoldKind};
 use crate::opencode::ToolPart;
 use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
 

@@ -13,7 +13,6 @@
 //! - `GET /session/:id/message[/:mid]`: [`json::history`] relabels premature claim parts.
 
 mod events;
-pub mod holds;
 pub(crate) mod json;
 pub mod view;
 
@@ -31,7 +30,7 @@ use crate::metrics::{KindLabel, Metrics};
 use crate::oracle::{Oracle, SessionRef};
 
 use crate::claims::{Claim, ClaimTools, Links};
-use holds::Holds;
+use crate::holds::Holds;
 
 /// A response the gate wants to see, decided from the request alone.
 #[derive(Debug, Clone)]

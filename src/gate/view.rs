@@ -6,8 +6,8 @@
 
 use serde::Serialize;
 
-use super::holds::{HoldInfo, ReleaseInfo};
 use super::Gate;
+use crate::holds::{HoldInfo, ReleaseInfo};
 use crate::oracle::{unix_ms, TreeView};
 
 /// Most trees one snapshot lists (the most recently read): a proxy running for days has read

@@ -282,6 +282,7 @@ async fn health(state: &ProxyState) -> Response<Body> {
         Ok(outcome) => outcome,
         Err(_) => Err("the runtime did not answer GET /global/health in time".to_owned()),
     };
+    state.metrics().upstream_up.set(i64::from(outcome.is_ok()));
     let (status, mut body) = match outcome {
         Ok(version) => (
             StatusCode::OK,

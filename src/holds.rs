@@ -1,4 +1,5 @@
-//! The registry of what is held right now, behind `GET /_taskgate/holds` and the hold metrics.
+//! The registry of what both faces hold right now (the gate's prompts, idles and parts, the
+//! model face's requests), behind `GET /_taskgate/holds`, the live view and the hold metrics.
 //!
 //! Every hold is represented by a [`HoldGuard`]; dropping the guard (release, client gone,
 //! stream ended) removes the entry and closes the gauge, so the registry cannot leak holds
@@ -12,7 +13,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::metrics::{KindLabel, Metrics, VerdictLabel};
+use crate::metrics::{FaceKindLabel, FaceLabel, FaceVerdictLabel, Metrics};
 use crate::oracle::{unix_ms, Decision, Verdict};
 
 /// How many ended holds the live view keeps (`releases`, newest first).
@@ -28,6 +29,9 @@ pub enum HoldKind {
     Idle,
     /// A tool part or message part that claims a child is done.
     Part,
+    /// The model face: a request to the model provider whose tool results or texts claim a
+    /// child is done, held until the child's tree is terminal.
+    Request,
 }
 
 impl HoldKind {
@@ -36,6 +40,15 @@ impl HoldKind {
             HoldKind::Prompt => "prompt",
             HoldKind::Idle => "idle",
             HoldKind::Part => "part",
+            HoldKind::Request => "request",
+        }
+    }
+
+    /// Which face holds it: "client" (the gate) or "model".
+    pub fn face(self) -> &'static str {
+        match self {
+            HoldKind::Request => "model",
+            HoldKind::Prompt | HoldKind::Idle | HoldKind::Part => "client",
         }
     }
 }
@@ -53,6 +66,8 @@ pub struct Blocking {
 /// One row of `/_taskgate/holds`.
 #[derive(Debug, Clone, Serialize)]
 pub struct HoldInfo {
+    /// "client" or "model" (see [`HoldKind::face`]).
+    pub face: &'static str,
     pub kind: HoldKind,
     /// The session the claim was made in (or about, for idle and prompt holds).
     pub session: String,
@@ -76,6 +91,7 @@ pub struct HoldInfo {
 /// A hold that ended, as the live view lists it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReleaseInfo {
+    pub face: &'static str,
     pub kind: HoldKind,
     pub session: String,
     pub child: String,
@@ -131,6 +147,7 @@ impl Holds {
         self.lock().rows.insert(
             id,
             HoldInfo {
+                face: kind.face(),
                 kind,
                 session: session.to_owned(),
                 child: child.to_owned(),
@@ -143,15 +160,28 @@ impl Holds {
             },
         );
         self.touch();
-        tracing::info!(kind = kind.name(), session, child, "hold started");
-        self.metrics.holds_open.inc();
+        tracing::info!(
+            face = kind.face(),
+            kind = kind.name(),
+            session,
+            child,
+            "hold started"
+        );
+        self.metrics
+            .holds_open
+            .get_or_create(&FaceLabel { face: kind.face() })
+            .inc();
         self.metrics
             .holds
-            .get_or_create(&KindLabel { kind: kind.name() })
+            .get_or_create(&FaceKindLabel {
+                face: kind.face(),
+                kind: kind.name(),
+            })
             .inc();
         HoldGuard {
             holds: self.clone(),
             id,
+            face: kind.face(),
             started: Instant::now(),
             released: false,
         }
@@ -192,6 +222,7 @@ impl Holds {
 pub struct HoldGuard {
     holds: Holds,
     id: u64,
+    face: &'static str,
     started: Instant,
     /// Ended by [`HoldGuard::release`] (logged there) rather than dropped.
     released: bool,
@@ -249,6 +280,7 @@ impl HoldGuard {
             let mut table = self.holds.lock();
             if let Some(row) = table.rows.remove(&self.id) {
                 tracing::info!(
+                    face = row.face,
                     kind = row.kind.name(),
                     session = %row.session,
                     child = %row.child,
@@ -258,6 +290,7 @@ impl HoldGuard {
                     "hold released"
                 );
                 table.ended(ReleaseInfo {
+                    face: row.face,
                     kind: row.kind,
                     session: row.session,
                     child: row.child,
@@ -273,11 +306,15 @@ impl HoldGuard {
         let metrics = &self.holds.metrics;
         metrics
             .releases
-            .get_or_create(&VerdictLabel {
+            .get_or_create(&FaceVerdictLabel {
+                face: self.face,
                 verdict: verdict.name(),
             })
             .inc();
-        metrics.hold_seconds.observe(held.as_secs_f64());
+        metrics
+            .hold_seconds
+            .get_or_create(&FaceLabel { face: self.face })
+            .observe(held.as_secs_f64());
         held_ms
     }
 }
@@ -308,6 +345,7 @@ impl Drop for HoldGuard {
             if let Some(row) = table.rows.remove(&self.id) {
                 // The client went away, the stream ended, or taskgate stops.
                 tracing::info!(
+                    face = row.face,
                     kind = row.kind.name(),
                     session = %row.session,
                     child = %row.child,
@@ -315,6 +353,7 @@ impl Drop for HoldGuard {
                     "hold dropped"
                 );
                 table.ended(ReleaseInfo {
+                    face: row.face,
                     kind: row.kind,
                     session: row.session,
                     child: row.child,
@@ -329,7 +368,11 @@ impl Drop for HoldGuard {
             drop(table);
             self.holds.touch();
         }
-        self.holds.metrics.holds_open.dec();
+        self.holds
+            .metrics
+            .holds_open
+            .get_or_create(&FaceLabel { face: self.face })
+            .dec();
     }
 }
 
@@ -360,15 +403,18 @@ mod tests {
             rows[1].blocking.as_ref().map(|b| b.id.as_str()),
             Some("ses_child")
         );
-        assert_eq!(metrics.holds_open.get(), 2);
+        let open = metrics
+            .holds_open
+            .get_or_create(&FaceLabel { face: "client" });
+        assert_eq!(open.get(), 2);
         drop(a);
         b.release(&Verdict::Completed { text: None }, false);
         assert!(holds.snapshot().is_empty());
         let ended: Vec<&str> = holds.releases().iter().map(|r| r.verdict).collect();
         assert_eq!(ended, ["completed", "dropped"]);
-        assert_eq!(metrics.holds_open.get(), 0);
+        assert_eq!(open.get(), 0);
         assert!(metrics
             .render()
-            .contains("taskgate_releases_total{verdict=\"completed\"} 1"));
+            .contains("taskgate_releases_total{face=\"client\",verdict=\"completed\"} 1"));
     }
 }
