@@ -141,6 +141,11 @@ impl Holds {
         }
     }
 
+    /// The metrics the holds are counted in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Registers a hold; it lasts as long as the returned guard.
     pub fn open(&self, kind: HoldKind, session: &str, child: &str) -> HoldGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);

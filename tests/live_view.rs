@@ -1,7 +1,7 @@
 //! The live view against the simulated runtime over real loopback HTTP: `/_taskgate/holds`
 //! read mid-hold names the session the hold waits for (title, agent) and why in plain words;
 //! `/_taskgate/events` sends a snapshot at once and another when the hold ends, with the
-//! release and its verdict.
+//! release and its verdict; the model face's holds are listed beside the client face's.
 
 #[path = "support/sim.rs"]
 mod sim;
@@ -66,8 +66,8 @@ async fn until<T>(url: &str, what: &str, pred: impl Fn(&Value) -> Option<T>) -> 
 
 /// The session under `parent` whose title starts with `title` (the runtime adds the agent),
 /// as the runtime lists it.
-async fn child_titled(stack: &sim::Stack, parent: &str, title: &str) -> String {
-    let url = format!("{}/session/{parent}/children", stack.sim);
+async fn child_titled(sim_url: &str, parent: &str, title: &str) -> String {
+    let url = format!("{sim_url}/session/{parent}/children");
     until(&url, title, |children| {
         children.as_array()?.iter().find_map(|c| {
             c["title"]
@@ -83,8 +83,8 @@ async fn child_titled(stack: &sim::Stack, parent: &str, title: &str) -> String {
 async fn a_hold_row_read_mid_hold_names_the_grandchild_it_waits_for() {
     let stack = stack().await;
     let (root, reply) = prompt_grandchild(&stack).await;
-    let child = child_titled(&stack, &root, "child job").await;
-    let grandchild = child_titled(&stack, &child, "grandchild job").await;
+    let child = child_titled(&stack.sim, &root, "child job").await;
+    let grandchild = child_titled(&stack.sim, &child, "grandchild job").await;
 
     let holds = format!("{}/_taskgate/holds", stack.proxy);
     let row = until(&holds, "the prompt hold blocked by the grandchild", |v| {
@@ -190,4 +190,113 @@ async fn the_event_stream_sends_the_hold_then_its_release_without_being_asked_ag
     }
     let (status, _) = reply.await.unwrap();
     assert_eq!(status, 200);
+}
+
+/// A model request whose newest tool result (oh-my-opencode's `background_output`) claims
+/// `child` is done, in the OpenAI chat format.
+fn premature_task_result(child: &str) -> String {
+    let launch = format!("Background task launched.\n\nBackground Task ID: bg_1\nDescription: child job\nStatus: pending\n\n<task_metadata>\nsession_id: {child}\nbackground_task_id: bg_1\n</task_metadata>");
+    let claim = format!("Task Result\n\nTask ID: bg_1\nDescription: child job\nDuration: 1s\nSession ID: {child}\n\n---\n\npartial");
+    json!({"model": "scripted", "messages": [
+        {"role": "user", "content": "Do the work in the background."},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "task", "arguments": "{\"run_in_background\":true}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": launch},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_2", "type": "function",
+            "function": {"name": "background_output", "arguments": "{\"task_id\":\"bg_1\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": claim},
+    ]})
+    .to_string()
+}
+
+#[tokio::test]
+async fn the_model_faces_hold_is_listed_beside_the_client_faces() {
+    let sim = sim::start(2.0).await;
+    let mut config = taskgate::config::Config::defaults();
+    config.proxy.upstream = sim.url.clone();
+    config.oracle.poll_interval = HumanDuration(Duration::from_millis(100));
+    config.gate.settle_window = HumanDuration(Duration::from_millis(200));
+    config.model.enabled = true;
+    // Nothing listens there: the held request is answered 502 once released, which is all this
+    // test needs of a provider.
+    let nowhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    config.model.openai_chat = format!("http://{}/v1", nowhere.local_addr().unwrap());
+    drop(nowhere);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    let model_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let model = format!("http://{}", model_listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stack = taskgate::cmd::stack::start(config, listener, Some(model_listener), stop.clone());
+    let _stop = stop.drop_guard();
+
+    let (_, session) = sim::call(
+        hyper::Method::POST,
+        &format!("{}/session", sim.url),
+        Some(json!({})),
+    )
+    .await;
+    let root = session["id"].as_str().unwrap().to_owned();
+    let (status, _) = sim::call(
+        hyper::Method::POST,
+        &format!("{}/session/{root}/prompt_async", sim.url),
+        Some(json!({"parts": [{"type": "text", "text": "SCENARIO:grandchild"}]})),
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status}");
+    let child = child_titled(&sim.url, &root, "child job").await;
+    let grandchild = child_titled(&sim.url, &child, "grandchild job").await;
+
+    let url = format!("{model}/openai-chat/chat/completions");
+    let sent = tokio::spawn(async move {
+        sim::call(
+            hyper::Method::POST,
+            &url,
+            Some(serde_json::from_str(&premature_task_result(&child)).unwrap()),
+        )
+        .await
+    });
+    let row = until(
+        &format!("{proxy}/_taskgate/holds"),
+        "the model face's hold",
+        |v| {
+            v["holds"]
+                .as_array()?
+                .iter()
+                .find(|h| h["face"] == "model")
+                .filter(|h| h["blocking"]["id"] == grandchild.as_str())
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(row["kind"], "request", "{row}");
+    assert_eq!(row["reason"], format!("{grandchild} is busy"), "{row}");
+
+    tokio::time::timeout(PATIENCE, sent)
+        .await
+        .expect("the held request goes on once the tree ends")
+        .unwrap();
+    let view = sim::get(&format!("{proxy}/_taskgate/view")).await;
+    assert!(
+        view["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["face"] == "model" && r["verdict"] == "completed"),
+        "{view}"
+    );
+    let metrics = get_text(&format!("{proxy}/_taskgate/metrics")).await;
+    assert!(
+        metrics.contains("taskgate_releases_total{face=\"model\",verdict=\"completed\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// `GET url` as text.
+async fn get_text(url: &str) -> String {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client.get(url.parse().unwrap()).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
 }

@@ -81,19 +81,15 @@ struct Inner {
 }
 
 impl Gate {
-    pub fn new(
-        config: &Config,
-        oracle: Oracle,
-        metrics: Metrics,
-        shutdown: CancellationToken,
-    ) -> Gate {
+    /// The gate asking `oracle`, listing its holds in `holds` (and counting in its metrics).
+    pub fn new(config: &Config, oracle: Oracle, holds: Holds, shutdown: CancellationToken) -> Gate {
         Gate {
             inner: Arc::new(Inner {
                 config: config.gate.clone(),
                 tools: ClaimTools::new(&config.gate.claim_tools),
                 oracle,
-                holds: Holds::new(metrics.clone()),
-                metrics,
+                metrics: holds.metrics().clone(),
+                holds,
                 shutdown,
                 inspect_limit: config.proxy.inspect_limit_bytes,
             }),
