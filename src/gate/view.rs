@@ -4,6 +4,8 @@
 //! at `/_taskgate/` draw it. Built here, from the oracle's trees and the hold registry, so the
 //! oracle never learns who looks.
 
+use std::collections::HashSet;
+
 use serde::Serialize;
 
 use super::Gate;
@@ -23,7 +25,8 @@ pub struct Snapshot {
     pub gate: bool,
     /// The liveness bound, seconds (`gate.rest_bound`).
     pub rest_bound_s: f64,
-    /// Every root read lately with its latest decision and sessions, most recent first.
+    /// Every root read lately with its latest decision and sessions, most recent first; a
+    /// subtree read on its own is left out when a listed tree contains it.
     pub trees: Vec<TreeView>,
     /// What is held now, oldest first.
     pub holds: Vec<HoldInfo>,
@@ -50,6 +53,19 @@ impl Gate {
     pub fn view(&self) -> Snapshot {
         let inner = &self.inner;
         let mut trees = inner.oracle.trees();
+        // A child's tree is read on its own when a claim names it; it is drawn inside its
+        // root's tree already, and drawing it twice would show its holds twice.
+        let inside: HashSet<String> = trees
+            .iter()
+            .flat_map(|t| {
+                t.decision
+                    .sessions
+                    .iter()
+                    .filter(|s| s.id != t.root)
+                    .map(|s| s.id.clone())
+            })
+            .collect();
+        trees.retain(|t| !inside.contains(&t.root));
         trees.truncate(MAX_TREES);
         Snapshot {
             now_ms: unix_ms(),
