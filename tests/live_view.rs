@@ -285,18 +285,55 @@ async fn the_model_faces_hold_is_listed_beside_the_client_faces() {
             .any(|r| r["face"] == "model" && r["verdict"] == "completed"),
         "{view}"
     );
-    let metrics = get_text(&format!("{proxy}/_taskgate/metrics")).await;
+    let (_, _, metrics) = get_raw(&format!("{proxy}/_taskgate/metrics")).await;
     assert!(
         metrics.contains("taskgate_releases_total{face=\"model\",verdict=\"completed\"} 1"),
         "{metrics}"
     );
 }
 
-/// `GET url` as text.
-async fn get_text(url: &str) -> String {
+/// The page's files carry no data and a browser cannot send a bearer token when it opens a
+/// page: they are served to anyone, while the data behind them keeps the admin rule.
+#[tokio::test]
+async fn with_an_admin_token_the_page_loads_and_its_data_needs_the_token() {
+    let stack = sim::stack(SimOptions::default(), |c| {
+        c.proxy.admin_token = Some("s3cret-admin".to_owned())
+    })
+    .await;
+    for (path, kind) in [
+        ("/_taskgate/", "text/html"),
+        ("/_taskgate/live.js", "text/javascript"),
+        ("/_taskgate/live.css", "text/css"),
+    ] {
+        let (status, content_type, body) = get_raw(&format!("{}{path}", stack.proxy)).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+        assert!(!body.is_empty(), "{path}");
+    }
+    let (_, _, page) = get_raw(&format!("{}/_taskgate/", stack.proxy)).await;
+    assert!(page.contains("/_taskgate/live.js"), "{page}");
+    for path in ["/_taskgate/events", "/_taskgate/view", "/_taskgate/holds"] {
+        let (status, _, _) = get_raw(&format!("{}{path}", stack.proxy)).await;
+        assert_eq!(status, 401, "{path}");
+    }
+}
+
+/// `GET url`: status, content type and body as text.
+async fn get_raw(url: &str) -> (u16, String, String) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
     let response = client.get(url.parse().unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8(body.to_vec()).unwrap()
+    (
+        status,
+        content_type,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }

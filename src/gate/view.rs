@@ -23,8 +23,6 @@ pub struct Snapshot {
     pub now_ms: u64,
     /// Whether the gate is on (off: a plain proxy, nothing is ever held).
     pub gate: bool,
-    /// The liveness bound, seconds (`gate.rest_bound`).
-    pub rest_bound_s: f64,
     /// Every root read lately with its latest decision and sessions, most recent first; a
     /// subtree read on its own is left out when a listed tree contains it.
     pub trees: Vec<TreeView>,
@@ -40,7 +38,6 @@ impl Snapshot {
         Snapshot {
             now_ms: unix_ms(),
             gate: false,
-            rest_bound_s: 0.0,
             trees: Vec::new(),
             holds: Vec::new(),
             releases: Vec::new(),
@@ -70,7 +67,6 @@ impl Gate {
         Snapshot {
             now_ms: unix_ms(),
             gate: true,
-            rest_bound_s: inner.oracle.rest_bound().as_secs_f64(),
             trees,
             holds: inner.holds.snapshot(),
             releases: inner.holds.releases(),

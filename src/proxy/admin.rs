@@ -114,16 +114,19 @@ pub async fn handle(
         .strip_prefix(super::ADMIN_PREFIX)
         .unwrap_or_default()
         .trim_start_matches('/');
-    let page = match endpoint {
-        "" => Some(("text/html; charset=utf-8", PAGE)),
-        "live.js" => Some(("text/javascript; charset=utf-8", SCRIPT)),
-        "live.css" => Some(("text/css; charset=utf-8", STYLE)),
+    // The page lives at `/_taskgate/` exactly (its script and stylesheet beside it); the bare
+    // prefix stays a 404, like any other unknown endpoint.
+    let page = match req.uri().path() {
+        "/_taskgate/" => Some(("text/html; charset=utf-8", PAGE)),
+        "/_taskgate/live.js" => Some(("text/javascript; charset=utf-8", SCRIPT)),
+        "/_taskgate/live.css" => Some(("text/css; charset=utf-8", STYLE)),
         _ => None,
     };
     if let Some((content_type, body)) = page {
-        if req.method() == Method::GET || req.method() == Method::HEAD {
-            return text(content_type, body.to_owned());
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return method_not_allowed();
         }
+        return text(content_type, body.to_owned());
     }
     let token = state.config().proxy.admin_token.as_deref();
     match access(peer.ip(), token, req.headers().get(header::AUTHORIZATION)) {
@@ -152,7 +155,7 @@ pub async fn handle(
     }
     let known = matches!(
         endpoint,
-        "health" | "metrics" | "config" | "holds" | "view" | "events" | "" | "live.js" | "live.css"
+        "health" | "metrics" | "config" | "holds" | "view" | "events"
     );
     if !known {
         return json_response(
@@ -164,14 +167,7 @@ pub async fn handle(
         );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut response = json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &json!({"error": {"kind": "method_not_allowed", "message": "taskgate endpoints answer GET only"}}),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
+        return method_not_allowed();
     }
     match endpoint {
         "health" => health(state).await,
@@ -225,6 +221,17 @@ fn events(state: &ProxyState, shutdown: &CancellationToken) -> Response<Body> {
         HeaderValue::from_static("text/event-stream"),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn method_not_allowed() -> Response<Body> {
+    let mut response = json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &json!({"error": {"kind": "method_not_allowed", "message": "taskgate endpoints answer GET only"}}),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
     response
 }
 
