@@ -13,6 +13,7 @@
 //! - [`oracle`]: the truth about sessions: a runtime client, an event watcher, coalesced reads and
 //!   the terminal rule (one pure function).
 //! - [`gate`]: finds completion claims in responses and event streams, holds and releases them.
+//! - [`holds`]: what both faces hold now and released lately (hold rows, the live view).
 //! - [`sim`]: a scripted OpenCode-compatible runtime that shows the bug.
 //! - [`model`]: the model face, between the runtime and its model provider (docs/model-side.md).
 //! - [`demo`]: the side-by-side demo built on the simulated runtime.
@@ -26,6 +27,7 @@ pub mod claims;
 pub mod cmd;
 pub mod config;
 pub mod gate;
+pub mod holds;
 pub mod metrics;
 pub mod model;
 pub mod opencode;

@@ -1,6 +1,8 @@
-//! Prometheus metrics, one typed registry shared by the proxy and the gate
-//! (served as text at `/_taskgate/metrics`). Labels are bounded: status *class*, hold *kind*,
-//! verdict name; never a raw path or session id.
+//! Prometheus metrics, one typed registry shared by the proxy, the gate and the model face
+//! (served as text at `/_taskgate/metrics`). Labels are bounded: status *class*, *face*
+//! (client or model), hold *kind*, verdict name; never a raw path or session id. Names follow
+//! Prometheus conventions: counters end in `_total`, units are spelled out (`_bytes_total`,
+//! `_seconds`). docs/proxy.md lists them.
 
 use std::sync::Arc;
 
@@ -9,7 +11,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusClass {
@@ -22,9 +25,36 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// Which face holds: "client" (the gate) or "model".
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct VerdictLabel {
+pub struct FaceLabel {
+    pub face: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaceKindLabel {
+    pub face: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaceVerdictLabel {
+    pub face: &'static str,
     pub verdict: &'static str,
+}
+
+/// A histogram family's constructor: every label set gets the same buckets.
+type Buckets = fn() -> Histogram;
+
+/// Seconds from 1 ms to about 4.4 min: a forwarded request takes milliseconds, a held one as
+/// long as the child's tree works.
+fn request_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 10))
+}
+
+/// Seconds from 10 ms to about 2.9 h (a hold lasts as long as a child's tree works).
+fn hold_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 4.0, 10))
 }
 
 /// Every metric taskgate exports. Cloning is cheap (the metrics are shared handles).
@@ -33,6 +63,12 @@ pub struct Metrics {
     registry: Arc<Registry>,
     /// Forwarded requests by the status class of the answer the client got.
     pub requests: Family<StatusClass, Counter>,
+    /// Seconds from a forwarded request's arrival to its response head (holds included; a
+    /// streamed body's length is not), by status class.
+    pub request_duration: Family<StatusClass, Histogram, Buckets>,
+    /// 1 when the runtime answered taskgate's latest contact (a forwarded request or a health
+    /// probe), 0 when it could not be reached.
+    pub upstream_up: Gauge,
     /// Upstream failures by kind (unreachable, timeout, protocol).
     pub upstream_errors: Family<KindLabel, Counter>,
     /// Requests refused or cut short by the client's fault, by kind (a malformed or aborted
@@ -44,14 +80,14 @@ pub struct Metrics {
     pub bytes_to_client: Counter,
     /// Body bytes relayed client → upstream.
     pub bytes_to_upstream: Counter,
-    /// Claims held right now.
-    pub holds_open: Gauge,
-    /// Holds started, by kind (prompt, idle, part, status, history).
-    pub holds: Family<KindLabel, Counter>,
-    /// Holds released, by verdict.
-    pub releases: Family<VerdictLabel, Counter>,
-    /// How long claims were held, seconds.
-    pub hold_seconds: Histogram,
+    /// Claims held right now, by face.
+    pub holds_open: Family<FaceLabel, Gauge>,
+    /// Holds started, by face and kind (client: prompt, idle, part; model: request).
+    pub holds: Family<FaceKindLabel, Counter>,
+    /// Holds released, by face and verdict.
+    pub releases: Family<FaceVerdictLabel, Counter>,
+    /// How long claims were held, seconds, by face.
+    pub hold_seconds: Family<FaceLabel, Histogram, Buckets>,
     /// Claims whose verdict contradicted them (claimed completed; child aborted or failed).
     pub contradictions: Counter,
     /// Bodies or events that could not be inspected and passed through unchanged.
@@ -67,11 +103,31 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("taskgate");
+        registry.register(
+            "build",
+            "taskgate's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
         let requests = Family::<StatusClass, Counter>::default();
         registry.register(
             "requests",
             "Forwarded requests by status class",
             requests.clone(),
+        );
+        let request_duration = Family::<StatusClass, Histogram, Buckets>::new_with_constructor(
+            request_buckets as Buckets,
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Seconds from a forwarded request to its response head, by status class",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let upstream_up = Gauge::default();
+        registry.register(
+            "upstream_up",
+            "Whether the runtime answered taskgate's latest contact",
+            upstream_up.clone(),
         );
         let upstream_errors = Family::<KindLabel, Counter>::default();
         registry.register(
@@ -92,35 +148,43 @@ impl Metrics {
             sse_streams_open.clone(),
         );
         let bytes_to_client = Counter::default();
-        registry.register(
-            "bytes_to_client",
-            "Body bytes relayed to clients",
+        registry.register_with_unit(
+            "response_body",
+            "Body bytes relayed from the runtime to clients",
+            Unit::Bytes,
             bytes_to_client.clone(),
         );
         let bytes_to_upstream = Counter::default();
-        registry.register(
-            "bytes_to_upstream",
-            "Body bytes relayed to the runtime",
+        registry.register_with_unit(
+            "request_body",
+            "Body bytes relayed from clients to the runtime",
+            Unit::Bytes,
             bytes_to_upstream.clone(),
         );
-        let holds_open = Gauge::default();
+        let holds_open = Family::<FaceLabel, Gauge>::default();
         registry.register(
             "holds_open",
-            "Completion claims held now",
+            "Completion claims held now, by face",
             holds_open.clone(),
         );
-        let holds = Family::<KindLabel, Counter>::default();
-        registry.register("holds", "Completion claims held, by kind", holds.clone());
-        let releases = Family::<VerdictLabel, Counter>::default();
+        let holds = Family::<FaceKindLabel, Counter>::default();
+        registry.register(
+            "holds",
+            "Completion claims held, by face and kind",
+            holds.clone(),
+        );
+        let releases = Family::<FaceVerdictLabel, Counter>::default();
         registry.register(
             "releases",
-            "Held claims released, by verdict",
+            "Held claims released, by face and verdict",
             releases.clone(),
         );
-        let hold_seconds = Histogram::new(exponential_buckets(0.01, 4.0, 10));
-        registry.register(
-            "hold_seconds",
-            "How long claims were held",
+        let hold_seconds =
+            Family::<FaceLabel, Histogram, Buckets>::new_with_constructor(hold_buckets as Buckets);
+        registry.register_with_unit(
+            "hold",
+            "How long claims were held, by face",
+            Unit::Seconds,
             hold_seconds.clone(),
         );
         let contradictions = Counter::default();
@@ -138,6 +202,8 @@ impl Metrics {
         Metrics {
             registry: Arc::new(registry),
             requests,
+            request_duration,
+            upstream_up,
             upstream_errors,
             client_errors,
             sse_streams_open,

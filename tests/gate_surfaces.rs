@@ -209,14 +209,17 @@ async fn holds_and_metrics_show_what_is_held_and_how_it_ended() {
     )
     .unwrap();
     assert!(
-        text.contains("taskgate_holds_total{kind=\"part\"}"),
+        text.contains("taskgate_holds_total{face=\"client\",kind=\"part\"}"),
         "{text}"
     );
     assert!(
-        text.contains("taskgate_releases_total{verdict=\"completed\"}"),
+        text.contains("taskgate_releases_total{face=\"client\",verdict=\"completed\"}"),
         "{text}"
     );
-    assert!(text.contains("taskgate_holds_open 0"), "{text}");
+    assert!(
+        text.contains("taskgate_holds_open{face=\"client\"} 0"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -200,7 +200,13 @@ async fn metrics_count_requests_by_class_errors_streams_and_bytes() {
         "taskgate_requests_total{class=\"2xx\"} 2",
         "taskgate_requests_total{class=\"4xx\"} 1",
         "taskgate_sse_streams_open 1",
-        "taskgate_bytes_to_client_total 17",
+        "taskgate_response_body_bytes_total 17",
+        "taskgate_request_duration_seconds_count{class=\"2xx\"} 2",
+        "taskgate_upstream_up 1",
+        &format!(
+            "taskgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
     ] {
         assert!(
             text.lines().any(|l| l == line),
@@ -216,6 +222,7 @@ async fn metrics_count_requests_by_class_errors_streams_and_bytes() {
     for line in [
         "taskgate_upstream_errors_total{kind=\"upstream_unreachable\"} 1",
         "taskgate_requests_total{class=\"5xx\"} 1",
+        "taskgate_upstream_up 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),

@@ -19,6 +19,16 @@ pub fn reason(verdict: &Verdict) -> String {
     }
 }
 
+/// [`reason`] for people: without the terminal rule's clause number ("ses_x is busy"), which
+/// only docs/terminal-rule.md explains. Hold rows, the live view and logs use it.
+pub fn plain_reason(verdict: &Verdict) -> String {
+    let reason = reason(verdict);
+    match reason.rsplit_once(" (rule ") {
+        Some((words, clause)) if clause.ends_with(')') => words.to_owned(),
+        _ => reason,
+    }
+}
+
 /// Marks a released claim part with `metadata.taskgate = {verdict, held_ms, child, reason}`.
 /// When the verdict contradicts the claim (it said completed; the child failed or was aborted)
 /// and `rewrite` is on, a tool part becomes an `error` naming the child and what happened, the

@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand, owning its arguments and what it prints. The
-//! parts (proxy, gate, oracle, model face) are put together in one place, [`stack`].
+//! parts (proxy, gate, oracle, model face) are put together in one place, [`stack`]; `term`
+//! draws the live frames of `wait` and `holds` within the terminal's size.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,16 +19,19 @@ macro_rules! say {
 }
 
 mod demo;
+mod holds;
 mod logging;
 mod model_env;
 mod serve;
 mod signals;
 mod sim;
 pub mod stack;
+mod term;
 mod wait;
 mod wrap;
 
 pub use demo::DemoArgs;
+pub use holds::HoldsArgs;
 pub use logging::init_tracing;
 pub use model_env::ModelEnvArgs;
 pub use signals::shutdown_on_signal;
@@ -60,6 +64,9 @@ pub enum Command {
     },
     /// Block until a session's whole tree is terminal, then report the verdict.
     Wait(WaitArgs),
+    /// Show what a running taskgate holds and why: its session trees, holds and releases,
+    /// redrawn live on a terminal (one snapshot with `--json` or into a pipe).
+    Holds(HoldsArgs),
     /// Run the simulated OpenCode runtime (scripted scenarios that show the bug).
     Sim(SimArgs),
     /// Show the bug and the fix side by side against the simulated runtime.
@@ -140,6 +147,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
             },
             Command::Wait(args) => wait::run(args).await,
+            Command::Holds(args) => holds::run(args).await,
             Command::Sim(args) => sim::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Wrap(args) => wrap::run(args).await,

@@ -11,6 +11,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::holds::Holds;
+use crate::metrics::Metrics;
 use crate::model::ModelError;
 use crate::oracle::Oracle;
 use crate::proxy::ServeError;
@@ -44,15 +46,19 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Stack {
     let oracle = Oracle::new(&config);
+    // One registry of holds and metrics for both faces: the live view and `/_taskgate/metrics`
+    // show the model face's beside the client face's.
+    let holds = Holds::new(Metrics::new());
     let model_shares = config.model.runtime_url(&config.proxy) == config.proxy.upstream;
     if config.gate.enabled || (model.is_some() && model_shares) {
         oracle.start(shutdown.clone());
     }
     let model = model.map(|listener| {
-        tokio::spawn(crate::model::run(
+        tokio::spawn(crate::model::run_holding(
             listener,
             config.clone(),
             Some(oracle.clone()),
+            Some(holds.clone()),
             shutdown.clone(),
         ))
     });
@@ -61,6 +67,7 @@ pub fn start(
         listener,
         config,
         gate_oracle,
+        holds,
         shutdown.clone(),
     ));
     Stack {

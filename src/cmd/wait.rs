@@ -170,11 +170,12 @@ fn describe(verdict: &Verdict) -> String {
     }
 }
 
-/// Redraws the tree (session, agent, status, elapsed) on every verdict change and every second.
+/// Redraws the tree (session, agent, status, elapsed) on every verdict change and every second,
+/// each line cut to the terminal's width ([`super::term::Frame`]).
 async fn draw_live(oracle: Oracle, session: SessionRef, stop: CancellationToken) {
     let started = Instant::now();
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
-    let mut lines_drawn = 0usize;
+    let mut frame = super::term::Frame::default();
     let mut decisions = Box::pin(oracle.watch(session));
     let mut current: Option<Decision> = None;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -186,7 +187,7 @@ async fn draw_live(oracle: Oracle, session: SessionRef, stop: CancellationToken)
             },
             _ = tick.tick() => {}
             _ = stop.cancelled() => {
-                clear(lines_drawn);
+                frame.clear();
                 return;
             }
         }
@@ -208,17 +209,6 @@ async fn draw_live(oracle: Oracle, session: SessionRef, stop: CancellationToken)
                 s.title.as_deref().unwrap_or("")
             ));
         }
-        clear(lines_drawn);
-        lines_drawn = text.lines().count();
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
-    }
-}
-
-/// Moves the cursor up over the last drawing and clears to the end of the screen.
-fn clear(lines: usize) {
-    if lines > 0 {
-        let mut out = std::io::stdout().lock();
-        let _ = write!(out, "\x1b[{lines}A\x1b[J");
+        frame.draw(&text);
     }
 }

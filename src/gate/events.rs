@@ -22,9 +22,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::holds::{HoldGuard, HoldKind};
 use super::Gate;
 use crate::claims::{self, render, Claim, Links};
+use crate::holds::{HoldGuard, HoldKind};
 use crate::opencode::sse::{self, Chunk, Framer};
 use crate::opencode::{Event, ToolPart};
 use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
@@ -380,7 +380,7 @@ impl StreamGate {
     fn progress(&self, target: &str, decision: &Decision) {
         for held in self.held.values() {
             if held.pending.iter().any(|p| p == target) {
-                held.guard.update(&decision.verdict);
+                held.guard.update(decision);
             }
         }
     }
@@ -425,7 +425,7 @@ impl StreamGate {
         for held in self.held.values_mut() {
             if let Some(at) = held.pending.iter().position(|p| *p == target) {
                 held.pending.remove(at);
-                held.guard.update(&decision.verdict);
+                held.guard.update(&decision);
                 held.decided.push((target.clone(), decision.clone()));
             }
         }
@@ -451,8 +451,8 @@ impl StreamGate {
     /// completed, rewritten to an error saying what is true.
     fn release(&self, held: Held) -> Vec<Bytes> {
         let (child, verdict) = worst(&held.decided);
-        let held_ms = held.guard.release(&verdict);
         let HeldKind::Claim { claim, .. } = &held.kind else {
+            held.guard.release(&verdict, false);
             let ended = matches!(
                 verdict,
                 Verdict::Completed { .. } | Verdict::Failed { .. } | Verdict::Aborted { .. }
@@ -465,7 +465,10 @@ impl StreamGate {
                 None => vec![held.frame],
             };
         };
-        vec![self.release_claim(&held.frame, claim, &child, &verdict, held_ms)]
+        let (frame, contradiction) =
+            self.release_claim(&held.frame, claim, &child, &verdict, held.guard.held_ms());
+        held.guard.release(&verdict, contradiction);
+        vec![frame]
     }
 
     /// A `session.error` frame in the envelope of `like`, telling why `session`'s idle comes
@@ -491,31 +494,33 @@ impl StreamGate {
         child: &str,
         verdict: &Verdict,
         held_ms: u64,
-    ) -> Bytes {
+    ) -> (Bytes, bool) {
         let Some(parsed) = sse::parse(frame) else {
-            return frame.clone();
+            return (frame.clone(), false);
         };
         let Ok(mut value) = serde_json::from_str::<Value>(&parsed.data) else {
-            return frame.clone();
+            return (frame.clone(), false);
         };
         let Some(part) = Event::part_in(&mut value) else {
-            return frame.clone();
+            return (frame.clone(), false);
         };
         let inner = &self.gate.inner;
-        if render::annotate_part(
+        let contradiction = render::annotate_part(
             part,
             claim,
             verdict,
             held_ms,
             child,
             inner.config.rewrite_contradictions,
-        ) {
+        );
+        if contradiction {
             inner.metrics.contradictions.inc();
         }
-        match serde_json::to_string(&value) {
+        let frame = match serde_json::to_string(&value) {
             Ok(data) => sse::replace_data(frame, &data),
             Err(_) => frame.clone(),
-        }
+        };
+        (frame, contradiction)
     }
 
     async fn send(&self, frame: Bytes) -> Result<(), Closed> {

@@ -13,9 +13,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::holds::{HoldGuard, HoldKind};
 use super::Gate;
 use crate::claims::{self, render, Links};
+use crate::holds::{HoldGuard, HoldKind};
 use crate::opencode::ToolPart;
 use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
 
@@ -127,14 +127,14 @@ async fn release_prompt(
     let inner = &gate.inner;
     let deadline = Instant::now() + inner.config.max_hold.0;
     let outcome = tokio::select! {
-        outcome = inner.oracle.wait_terminal_seeing(&session, Some(deadline), |d| guard.update(&d.verdict)) => outcome,
+        outcome = inner.oracle.wait_terminal_seeing(&session, Some(deadline), |d| guard.update(d)) => outcome,
         _ = inner.shutdown.cancelled() => Err(OracleError::Cancelled),
     };
     let decision = match outcome {
         Ok(decision) => decision,
         Err(OracleError::Deadline(decision)) => {
             tracing::warn!(session = %session.id, "max_hold reached: the prompt's tree still runs; answering with an error");
-            guard.release(&decision.verdict);
+            guard.release(&decision.verdict, false);
             return Err(HoldError::StillRunning {
                 session: session.id,
                 reason: render::reason(&decision.verdict),
@@ -148,15 +148,15 @@ async fn release_prompt(
         }
         Err(OracleError::Unverifiable(decision)) => {
             tracing::warn!(session = %session.id, reason = %render::reason(&decision.verdict), "cannot read the runtime: answering the held prompt with an error");
-            guard.release(&decision.verdict);
+            guard.release(&decision.verdict, false);
             return Err(HoldError::Unverifiable {
                 session: session.id,
                 reason: render::reason(&decision.verdict),
             });
         }
     };
-    guard.update(&decision.verdict);
-    let held_ms = guard.release(&decision.verdict);
+    guard.update(&decision);
+    let held_ms = guard.release(&decision.verdict, false);
     if let Verdict::Gone { session } = decision.verdict {
         return Err(HoldError::Gone { session });
     }

@@ -13,8 +13,8 @@
 //! - `GET /session/:id/message[/:mid]`: [`json::history`] relabels premature claim parts.
 
 mod events;
-pub mod holds;
 pub(crate) mod json;
+pub mod view;
 
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ use crate::metrics::{KindLabel, Metrics};
 use crate::oracle::{Oracle, SessionRef};
 
 use crate::claims::{Claim, ClaimTools, Links};
-use holds::Holds;
+use crate::holds::Holds;
 
 /// A response the gate wants to see, decided from the request alone.
 #[derive(Debug, Clone)]
@@ -81,19 +81,15 @@ struct Inner {
 }
 
 impl Gate {
-    pub fn new(
-        config: &Config,
-        oracle: Oracle,
-        metrics: Metrics,
-        shutdown: CancellationToken,
-    ) -> Gate {
+    /// The gate asking `oracle`, listing its holds in `holds` (and counting in its metrics).
+    pub fn new(config: &Config, oracle: Oracle, holds: Holds, shutdown: CancellationToken) -> Gate {
         Gate {
             inner: Arc::new(Inner {
                 config: config.gate.clone(),
                 tools: ClaimTools::new(&config.gate.claim_tools),
                 oracle,
-                holds: Holds::new(metrics.clone()),
-                metrics,
+                metrics: holds.metrics().clone(),
+                holds,
                 shutdown,
                 inspect_limit: config.proxy.inspect_limit_bytes,
             }),

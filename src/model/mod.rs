@@ -40,10 +40,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::claims::ClaimTools;
 use crate::config::Config;
+use crate::holds::Holds;
 use crate::oracle::Oracle;
 use egress::Egress;
 
-pub use truth::{Finding, Truth};
+pub use truth::{Finding, Recorded, Truth};
 
 /// Idle pooled connections to a provider are closed after this, below common keep-alive
 /// timeouts (the "connection closed before message completed" race, hyper#2136).
@@ -178,6 +179,18 @@ pub async fn run(
     shared: Option<Oracle>,
     shutdown: CancellationToken,
 ) -> Result<(), ModelError> {
+    run_holding(listener, config, shared, None, shutdown).await
+}
+
+/// [`run`], listing what it holds in `holds` (the registry the live view and
+/// `/_taskgate/holds` show, shared with the client face).
+pub async fn run_holding(
+    listener: TcpListener,
+    config: Config,
+    shared: Option<Oracle>,
+    holds: Option<Holds>,
+    shutdown: CancellationToken,
+) -> Result<(), ModelError> {
     let runtime = config.model.runtime_url(&config.proxy).to_owned();
     let oracle = match shared.filter(|_| runtime == config.proxy.upstream) {
         Some(oracle) => oracle,
@@ -189,7 +202,11 @@ pub async fn run(
             oracle
         }
     };
-    let face = ModelFace::new(&config, Arc::new(oracle))?;
+    let truth: Arc<dyn Truth> = match holds {
+        Some(holds) => Arc::new(Recorded::new(oracle, holds)),
+        None => Arc::new(oracle),
+    };
+    let face = ModelFace::new(&config, truth)?;
     serve(listener, face, shutdown).await
 }
 

@@ -4,8 +4,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
+use futures_util::StreamExt as _;
 use tokio::time::Instant;
 
+use crate::holds::{HoldKind, Holds};
 use crate::oracle::client::ClientError;
 use crate::oracle::{Oracle, OracleError, SessionRef, Verdict};
 
@@ -133,6 +135,54 @@ impl Truth for Oracle {
                 timed_out,
                 started_ago: created.and_then(ago),
                 last_activity_ago: updated.and_then(ago),
+            }
+        })
+    }
+}
+
+/// The [`Oracle`], with every wait on a tree that is not yet terminal listed in the shared hold
+/// registry beside the client face's (kind `request`), its row following each read.
+pub struct Recorded {
+    oracle: Oracle,
+    holds: Holds,
+}
+
+impl Recorded {
+    pub fn new(oracle: Oracle, holds: Holds) -> Recorded {
+        Recorded { oracle, holds }
+    }
+}
+
+impl Truth for Recorded {
+    fn background_session(&self, task_id: &str) -> Option<String> {
+        self.oracle.background_session(task_id)
+    }
+
+    fn settle<'a>(&'a self, child: &'a SessionRef, deadline: Instant) -> BoxFuture<'a, Finding> {
+        Box::pin(async move {
+            let mut settle = self.oracle.settle(child, deadline);
+            // The oracle's shared reads, as they change: no read of its own.
+            let mut reads = std::pin::pin!(self.oracle.watch(child.clone()));
+            // Opened only once a read shows the tree still going: a claim the runtime
+            // confirms at once was never held.
+            let mut guard = None;
+            loop {
+                tokio::select! {
+                    finding = &mut settle => {
+                        if let Some(guard) = guard {
+                            crate::holds::HoldGuard::release(guard, &finding.verdict, false);
+                        }
+                        return finding;
+                    }
+                    Some(decision) = reads.next() => {
+                        if !decision.verdict.is_terminal() && guard.is_none() {
+                            guard = Some(self.holds.open(HoldKind::Request, &child.id, &child.id));
+                        }
+                        if let Some(guard) = &guard {
+                            guard.update(&decision);
+                        }
+                    }
+                }
             }
         })
     }

@@ -93,6 +93,9 @@ pub struct SessionSummary {
     pub title: Option<String>,
     /// "busy", "idle", "retry", … as the status map says (idle when absent).
     pub status: String,
+    /// Unix ms since when taskgate has seen the session working, while it is not idle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy_since_ms: Option<u64>,
 }
 
 /// A verdict with what it was decided from.
@@ -108,6 +111,11 @@ pub struct Decision {
     /// the liveness bound (at rest, nothing moving, for `gate.rest_bound`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unmatched: Vec<String>,
+    /// Unix ms when the liveness bound releases the tree, while it is at rest with only
+    /// unmatched clauses left (docs/terminal-rule.md, "The liveness bound"); a new message or
+    /// session moves it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rest_deadline_ms: Option<u64>,
     pub sessions: Vec<SessionSummary>,
 }
 
@@ -144,6 +152,19 @@ struct Inner {
     trees: std::sync::Mutex<HashMap<SessionRef, Arc<tokio::sync::Mutex<Option<Reading>>>>>,
     shutdown: CancellationToken,
     started: std::sync::atomic::AtomicBool,
+    /// The latest decision of every root read, for the live view; bumps `reads` on a change.
+    latest: std::sync::Mutex<HashMap<String, TreeView>>,
+    reads: tokio::sync::watch::Sender<u64>,
+}
+
+/// A root's latest decision, as [`Oracle::trees`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TreeView {
+    pub root: String,
+    /// Unix ms of the read.
+    pub read_ms: u64,
+    #[serde(flatten)]
+    pub decision: Decision,
 }
 
 /// One read of a tree and what it was decided from.
@@ -191,6 +212,8 @@ impl Oracle {
                 trees: std::sync::Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
                 started: std::sync::atomic::AtomicBool::new(false),
+                latest: std::sync::Mutex::new(HashMap::new()),
+                reads: tokio::sync::watch::channel(0).0,
             }),
         }
     }
@@ -399,6 +422,50 @@ impl Oracle {
         self.inner.state.pending_prompts()
     }
 
+    /// Every root read so far (the most recent [`MAX_SLOTS`]), with its latest decision,
+    /// most recently read first.
+    pub fn trees(&self) -> Vec<TreeView> {
+        let latest = self.inner.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let mut trees: Vec<TreeView> = latest.values().cloned().collect();
+        trees.sort_by(|a, b| b.read_ms.cmp(&a.read_ms).then(a.root.cmp(&b.root)));
+        trees
+    }
+
+    /// Wakes when some tree's decision changes (see [`Oracle::trees`]).
+    pub fn subscribe_trees(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.reads.subscribe()
+    }
+
+    /// Keeps `decision` as `root`'s latest, waking [`Oracle::subscribe_trees`] if it changed.
+    fn remember(&self, root: &SessionRef, decision: &Decision) {
+        let mut latest = self.inner.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let read_ms = unix_ms();
+        let changed = latest
+            .get(&root.id)
+            .is_none_or(|known| known.decision != *decision);
+        latest.insert(
+            root.id.clone(),
+            TreeView {
+                root: root.id.clone(),
+                read_ms,
+                decision: decision.clone(),
+            },
+        );
+        if latest.len() > MAX_SLOTS {
+            if let Some(oldest) = latest
+                .values()
+                .min_by_key(|t| t.read_ms)
+                .map(|t| t.root.clone())
+            {
+                latest.remove(&oldest);
+            }
+        }
+        drop(latest);
+        if changed {
+            self.inner.reads.send_modify(|n| *n += 1);
+        }
+    }
+
     /// The liveness bound (`gate.rest_bound`).
     pub fn rest_bound(&self) -> Duration {
         self.inner.rest_bound
@@ -482,6 +549,13 @@ impl Oracle {
                     if started.saturating_duration_since(since) >= self.inner.rest_bound {
                         decision.verdict = at_rest.verdict;
                         decision.unmatched = at_rest.unmatched;
+                    } else {
+                        // Whole seconds, so reads of an unchanged tree agree on it.
+                        let left = (since + self.inner.rest_bound)
+                            .saturating_duration_since(Instant::now())
+                            .as_millis() as u64;
+                        decision.rest_deadline_ms =
+                            Some(unix_ms().saturating_add(left).div_ceil(1000) * 1000);
                     }
                 }
                 Reading {
@@ -503,6 +577,7 @@ impl Oracle {
             },
         };
         *cached = Some(reading.clone());
+        self.remember(session, &reading.decision);
         reading
     }
 }
@@ -514,8 +589,16 @@ fn unknown(reason: &str) -> Decision {
         },
         background: false,
         unmatched: Vec::new(),
+        rest_deadline_ms: None,
         sessions: Vec::new(),
     }
+}
+
+/// Milliseconds since the Unix epoch now (0 on a clock set before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

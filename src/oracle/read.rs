@@ -130,6 +130,12 @@ impl Oracle {
                     .map(SessionStatus::name)
                     .unwrap_or("idle")
                     .to_owned(),
+                busy_since_ms: s
+                    .status
+                    .as_ref()
+                    .filter(|status| !status.is_idle())
+                    .and_then(|_| self.inner.state.session(&s.info.id))
+                    .and_then(|known| known.busy_since_ms),
             })
             .collect();
         // The root first, for readers that print the list as a tree.
@@ -140,6 +146,7 @@ impl Oracle {
                 verdict: judgement.verdict,
                 background: judgement.background,
                 unmatched: Vec::new(),
+                rest_deadline_ms: None,
                 sessions: summaries,
             },
             at_rest: judgement.at_rest,
@@ -167,6 +174,7 @@ impl TreeRead {
                 },
                 background: false,
                 unmatched: Vec::new(),
+                rest_deadline_ms: None,
                 sessions: Vec::new(),
             },
             at_rest: None,

@@ -35,6 +35,9 @@ pub struct SessionState {
     /// Seen busy (or retrying) at least once: absent from the status map and silent means
     /// "not started", not "done" (terminal rule, clause 1).
     pub busy_ever: bool,
+    /// Unix ms since when the session has been working (busy or retrying), as first seen in
+    /// the current run; `None` when idle. Only for display ("busy for 40 s").
+    pub busy_since_ms: Option<u64>,
     /// `parentID`, which never changes: the status surface walks up from busy sessions.
     pub parent: Option<String>,
     /// Children seen so far: task parts' `metadata.sessionId`, background launches, and
@@ -203,6 +206,10 @@ impl WatchState {
                     self.accepted().remove(id);
                 }
                 s.busy_ever |= !status.is_idle();
+                s.busy_since_ms = match status.is_idle() {
+                    true => None,
+                    false => s.busy_since_ms.or_else(|| Some(super::unix_ms())),
+                };
             }
             if let Some(Part::Tool(tool)) = event.part() {
                 if let Some(child) = tool.child_session_id() {
@@ -255,6 +262,9 @@ impl WatchState {
         for (id, status) in map {
             let s = sessions.entry(id.clone()).or_default();
             s.busy_ever |= !status.is_idle();
+            if !status.is_idle() && s.busy_since_ms.is_none() {
+                s.busy_since_ms = Some(super::unix_ms());
+            }
         }
     }
 

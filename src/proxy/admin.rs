@@ -7,29 +7,51 @@
 //! - `GET /_taskgate/config`: the effective configuration as TOML, secrets redacted (the text
 //!   `taskgate config check` prints).
 //! - `GET /_taskgate/holds`: what the gate holds now (`{"holds":[]}` with the gate off).
+//! - `GET /_taskgate/view`: the live view's snapshot (trees, holds, recent releases) as JSON.
+//! - `GET /_taskgate/events`: that snapshot again as a server-sent event on every change.
+//! - `GET /_taskgate/` (with `live.js`, `live.css`): the page that draws it (docs/live-view.md).
 //!
 //! Anything else under the prefix is a 404 JSON error; another method on a known path, 405.
 //!
 //! Who may ask ([`access`]): without `proxy.admin_token`, loopback peers only (403 to others):
 //! the configuration, the holds and the metrics describe the user's sessions, and taskgate may
 //! listen on an address other hosts reach. With a token, any peer that sends
-//! `Authorization: Bearer <token>` (RFC 6750 §2.1) and no other (401).
+//! `Authorization: Bearer <token>` (RFC 6750 §2.1) and no other (401). The page's three static
+//! files are the exception: they hold no data (everything it shows comes from `events`, under
+//! the same rule), and a browser cannot send a bearer token when it opens a page, so the page
+//! asks for the token and sends it itself.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use axum::body::Body;
 use base64::Engine as _;
+use futures_util::StreamExt as _;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use bytes::Bytes;
 
 use super::error::json_response;
 use super::ProxyState;
+use crate::gate::view::Snapshot;
+use crate::gate::Gate;
 
 /// The most of the runtime's health answer that is read (it is a few dozen bytes).
 const HEALTH_BODY_LIMIT: usize = 64 * 1024;
+
+/// A comment line on a quiet event stream this often, so proxies and idle timeouts between the
+/// page and taskgate do not close it.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The live page, served from the binary (no build step, nothing fetched from elsewhere).
+const PAGE: &str = include_str!("live/index.html");
+const SCRIPT: &str = include_str!("live/live.js");
+const STYLE: &str = include_str!("live/live.css");
 
 /// Whether a request may use the admin endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,9 +104,30 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 pub async fn handle(
     state: &ProxyState,
+    shutdown: &CancellationToken,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let endpoint = req
+        .uri()
+        .path()
+        .strip_prefix(super::ADMIN_PREFIX)
+        .unwrap_or_default()
+        .trim_start_matches('/');
+    // The page lives at `/_taskgate/` exactly (its script and stylesheet beside it); the bare
+    // prefix stays a 404, like any other unknown endpoint.
+    let page = match req.uri().path() {
+        "/_taskgate/" => Some(("text/html; charset=utf-8", PAGE)),
+        "/_taskgate/live.js" => Some(("text/javascript; charset=utf-8", SCRIPT)),
+        "/_taskgate/live.css" => Some(("text/css; charset=utf-8", STYLE)),
+        _ => None,
+    };
+    if let Some((content_type, body)) = page {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return method_not_allowed();
+        }
+        return text(content_type, body.to_owned());
+    }
     let token = state.config().proxy.admin_token.as_deref();
     match access(peer.ip(), token, req.headers().get(header::AUTHORIZATION)) {
         Access::Allowed => {}
@@ -110,31 +153,21 @@ pub async fn handle(
             return response;
         }
     }
-    let endpoint = req
-        .uri()
-        .path()
-        .strip_prefix(super::ADMIN_PREFIX)
-        .unwrap_or_default()
-        .trim_start_matches('/');
-    let known = matches!(endpoint, "health" | "metrics" | "config" | "holds");
+    let known = matches!(
+        endpoint,
+        "health" | "metrics" | "config" | "holds" | "view" | "events"
+    );
     if !known {
         return json_response(
             StatusCode::NOT_FOUND,
             &json!({"error": {
                 "kind": "not_found",
-                "message": "no such taskgate endpoint; try /_taskgate/health, /_taskgate/metrics, /_taskgate/config or /_taskgate/holds",
+                "message": "no such taskgate endpoint; try /_taskgate/ (the live page), /_taskgate/health, /_taskgate/metrics, /_taskgate/config, /_taskgate/holds, /_taskgate/view or /_taskgate/events",
             }}),
         );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut response = json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &json!({"error": {"kind": "method_not_allowed", "message": "taskgate endpoints answer GET only"}}),
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
+        return method_not_allowed();
     }
     match endpoint {
         "health" => health(state).await,
@@ -146,6 +179,12 @@ pub async fn handle(
             "text/plain; charset=utf-8",
             state.config().to_redacted_toml(),
         ),
+        "view" => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(state.gate().map_or_else(Snapshot::without_gate, Gate::view))
+                .unwrap_or_default(),
+        ),
+        "events" => events(state, shutdown),
         _ => json_response(
             StatusCode::OK,
             &state
@@ -153,6 +192,47 @@ pub async fn handle(
                 .map_or_else(|| json!({"holds": []}), |gate| gate.holds()),
         ),
     }
+}
+
+/// `text/event-stream` of live-view snapshots (`event: snapshot`, the JSON of
+/// `/_taskgate/view` as data): one at once, then one per change, a comment line when quiet.
+/// Ends when taskgate shuts down, so it never holds up the drain.
+fn events(state: &ProxyState, shutdown: &CancellationToken) -> Response<Body> {
+    let snapshots = match state.gate() {
+        Some(gate) => gate.views().boxed(),
+        // Nothing ever changes without a gate: one snapshot, then only keep-alives.
+        None => futures_util::stream::iter([Snapshot::without_gate()]).boxed(),
+    };
+    let frames = snapshots.map(|snapshot| {
+        let data = serde_json::to_string(&snapshot).unwrap_or_else(|_| "{}".to_owned());
+        Bytes::from(format!("event: snapshot\ndata: {data}\n\n"))
+    });
+    let keepalive = futures_util::stream::unfold((), |()| async {
+        tokio::time::sleep(KEEPALIVE).await;
+        Some((Bytes::from_static(b": keep-alive\n\n"), ()))
+    });
+    let body = futures_util::stream::select(frames, keepalive)
+        .take_until(shutdown.clone().cancelled_owned())
+        .map(Ok::<_, std::convert::Infallible>);
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn method_not_allowed() -> Response<Body> {
+    let mut response = json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &json!({"error": {"kind": "method_not_allowed", "message": "taskgate endpoints answer GET only"}}),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    response
 }
 
 fn text(content_type: &'static str, body: String) -> Response<Body> {
@@ -209,6 +289,7 @@ async fn health(state: &ProxyState) -> Response<Body> {
         Ok(outcome) => outcome,
         Err(_) => Err("the runtime did not answer GET /global/health in time".to_owned()),
     };
+    state.metrics().upstream_up.set(i64::from(outcome.is_ok()));
     let (status, mut body) = match outcome {
         Ok(version) => (
             StatusCode::OK,

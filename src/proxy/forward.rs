@@ -106,7 +106,10 @@ pub async fn forward(
     let result = state.client().request(upstream_req).await;
     abandon.disarm();
     let mut response = match result {
-        Ok(response) => response,
+        Ok(response) => {
+            metrics.upstream_up.set(1);
+            response
+        }
         // The client's body broke (it left mid-upload, or sent malformed chunked framing):
         // the exchange failed on the client's side, not the runtime's.
         Err(e) if body_failed.load(Ordering::SeqCst) => {
@@ -120,6 +123,10 @@ pub async fn forward(
         }
         Err(e) => {
             let error = ProxyError::from_client(&e);
+            // A protocol error is an answer, however bad; the other two are no answer at all.
+            if !matches!(error, ProxyError::Protocol) {
+                metrics.upstream_up.set(0);
+            }
             tracing::warn!(%method, %path, kind = error.kind(), error = ?e, "upstream request failed");
             return finish(state, error, &method, &path, started);
         }
@@ -226,13 +233,15 @@ fn record(
     path: &str,
     started: Instant,
 ) {
-    state
-        .metrics()
-        .requests
-        .get_or_create(&StatusClass {
-            class: status_class(status),
-        })
-        .inc();
+    let class = StatusClass {
+        class: status_class(status),
+    };
+    let metrics = state.metrics();
+    metrics.requests.get_or_create(&class).inc();
+    metrics
+        .request_duration
+        .get_or_create(&class)
+        .observe(started.elapsed().as_secs_f64());
     tracing::debug!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "forwarded");
 }
 

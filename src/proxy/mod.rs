@@ -143,18 +143,19 @@ struct Server {
 
 /// Serves the proxy on `listener` until `shutdown` is cancelled, then drains in-flight requests
 /// for at most `proxy.shutdown_grace`. The gate is on when `gate.enabled` and an oracle is
-/// given; the oracle is the caller's (the composition root, `src/cmd/stack.rs`, shares it
-/// with the model face).
+/// given; the oracle and the hold registry (with its metrics) are the caller's (the
+/// composition root, `src/cmd/stack.rs`, shares them with the model face).
 pub async fn run_with_oracle(
     listener: TcpListener,
     config: Config,
     oracle: Option<crate::oracle::Oracle>,
+    holds: crate::holds::Holds,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let metrics = Metrics::new();
+    let metrics = holds.metrics().clone();
     let gate = oracle
         .filter(|_| config.gate.enabled)
-        .map(|oracle| Gate::new(&config, oracle, metrics.clone(), shutdown.clone()));
+        .map(|oracle| Gate::new(&config, oracle, holds, shutdown.clone()));
     let state = ProxyState::new(config, metrics, gate)?;
     serve(listener, state, shutdown).await
 }
@@ -325,7 +326,7 @@ async fn handle(server: &Server, peer: SocketAddr, req: Request<Incoming>) -> Re
     }
     let path = req.uri().path();
     if path == ADMIN_PREFIX || path.starts_with("/_taskgate/") {
-        admin::handle(&server.state, peer, req).await
+        admin::handle(&server.state, &server.shutdown, peer, req).await
     } else {
         forward::forward(&server.state, &server.shutdown, &server.tunnels, peer, req).await
     }
