@@ -17,9 +17,9 @@
 //! the configuration, the holds and the metrics describe the user's sessions, and taskgate may
 //! listen on an address other hosts reach. With a token, any peer that sends
 //! `Authorization: Bearer <token>` (RFC 6750 §2.1) and no other (401). The page's three static
-//! files are the exception: they hold no data (everything it shows comes from `events`, under
-//! the same rule), and a browser cannot send a bearer token when it opens a page, so the page
-//! asks for the token and sends it itself.
+//! files follow the loopback rule, but with a token they are served to anyone: they hold no data
+//! (everything the page shows comes from `events`, under the token), and a browser cannot send
+//! a bearer token when it opens a page, so the page asks for the token and sends it itself.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -114,6 +114,8 @@ pub async fn handle(
         .strip_prefix(super::ADMIN_PREFIX)
         .unwrap_or_default()
         .trim_start_matches('/');
+    let token = state.config().proxy.admin_token.as_deref();
+    let access = access(peer.ip(), token, req.headers().get(header::AUTHORIZATION));
     // The page lives at `/_taskgate/` exactly (its script and stylesheet beside it); the bare
     // prefix stays a 404, like any other unknown endpoint.
     let page = match req.uri().path() {
@@ -122,14 +124,15 @@ pub async fn handle(
         "/_taskgate/live.css" => Some(("text/css; charset=utf-8", STYLE)),
         _ => None,
     };
-    if let Some((content_type, body)) = page {
+    // Served to whoever may read the data, and with a token configured to anyone: a browser
+    // cannot send a bearer token when it opens a page, so the page asks for it.
+    if let (Some((content_type, body)), Access::Allowed | Access::Unauthorized) = (page, access) {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return method_not_allowed();
         }
         return text(content_type, body.to_owned());
     }
-    let token = state.config().proxy.admin_token.as_deref();
-    match access(peer.ip(), token, req.headers().get(header::AUTHORIZATION)) {
+    match access {
         Access::Allowed => {}
         Access::Forbidden => {
             return super::forward::client_error(
