@@ -215,6 +215,15 @@ async fn metrics_count_requests_by_class_errors_streams_and_bytes() {
     }
     drop(sse);
 
+    // Before any request is forwarded, a scrape already says whether the runtime answers.
+    let fresh = Proxy::start(&upstream.url()).await;
+    let (_, body) = get(&fresh, "/_taskgate/metrics").await;
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        text.lines().any(|l| l == "taskgate_upstream_up 1"),
+        "{text}"
+    );
+
     let refused = Proxy::start(&format!("http://{}", refused_addr().await)).await;
     assert_eq!(get(&refused, "/x").await.0, StatusCode::BAD_GATEWAY);
     let (_, body) = get(&refused, "/_taskgate/metrics").await;

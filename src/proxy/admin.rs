@@ -174,10 +174,15 @@ pub async fn handle(
     }
     match endpoint {
         "health" => health(state).await,
-        "metrics" => text(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics().render(),
-        ),
+        "metrics" => {
+            // `taskgate_upstream_up` is the runtime's state at this scrape, as Prometheus' own
+            // `up` is, not at the last forwarded request.
+            let _ = probe_upstream(state).await;
+            text(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.metrics().render(),
+            )
+        }
         "config" => text(
             "text/plain; charset=utf-8",
             state.config().to_redacted_toml(),
@@ -247,10 +252,10 @@ fn text(content_type: &'static str, body: String) -> Response<Body> {
 }
 
 /// Asks the runtime's own health route, with taskgate's upstream credentials (a runtime with a
-/// password answers 401 to anybody else), bounded by `oracle.request_timeout`.
-async fn health(state: &ProxyState) -> Response<Body> {
+/// password answers 401 to anybody else), bounded by `oracle.request_timeout`; sets
+/// `taskgate_upstream_up` from the answer. `Ok`: the runtime's version, when it says.
+async fn probe_upstream(state: &ProxyState) -> Result<Option<String>, String> {
     let config = state.config();
-    let upstream = config.proxy.upstream.as_str();
     let probe = async {
         let uri = format!("http://{}/global/health", state.authority());
         let mut request = Request::get(uri)
@@ -293,6 +298,13 @@ async fn health(state: &ProxyState) -> Response<Body> {
         Err(_) => Err("the runtime did not answer GET /global/health in time".to_owned()),
     };
     state.metrics().upstream_up.set(i64::from(outcome.is_ok()));
+    outcome
+}
+
+async fn health(state: &ProxyState) -> Response<Body> {
+    let config = state.config();
+    let upstream = config.proxy.upstream.as_str();
+    let outcome = probe_upstream(state).await;
     let (status, mut body) = match outcome {
         Ok(version) => (
             StatusCode::OK,
