@@ -80,12 +80,29 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.0.poll_read_ready(cx))?;
-            // Into the uninitialised spare room directly (tokio's `BufMut` for `ReadBuf`): hyper
-            // offers a fresh, large buffer on every read, and zeroing it each time would cost as
-            // much as the copy itself.
-            match self.0.try_read_buf(buf) {
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            let room = buf.remaining();
+            let mut read = 0;
+            // A read that leaves room in the buffer emptied the socket: its readiness is cleared
+            // now, as tokio's own `TcpStream::poll_read` does (an error of `WouldBlock` from the
+            // closure clears it, unless a new event came meanwhile), instead of being learnt
+            // from one more `recv` failing with EAGAIN after every request.
+            let result = self.0.try_io(Interest::READABLE, || {
+                // Into the uninitialised spare room directly (tokio's `BufMut` for `ReadBuf`):
+                // hyper offers a fresh, large buffer on every read, and zeroing it each time
+                // would cost as much as the copy itself.
+                read = self.0.try_read_buf(buf)?;
+                if read > 0 && read < room {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if read > 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
