@@ -185,6 +185,8 @@ pub struct Abort(Arc<AbortState>);
 #[derive(Default)]
 struct AbortState {
     aborted: AtomicBool,
+    /// The connection's last write is waiting for the runtime to read.
+    stalled: AtomicBool,
     /// The connection task, waiting on a write the runtime does not read.
     waker: AtomicWaker,
 }
@@ -198,11 +200,18 @@ impl Abort {
     fn is_aborted(&self) -> bool {
         self.0.aborted.load(Ordering::SeqCst)
     }
+
+    fn is_stalled(&self) -> bool {
+        self.0.stalled.load(Ordering::SeqCst)
+    }
 }
 
 /// Held by a forward while its request is with the runtime and no response head has come.
-/// Dropped armed (the client went away, so the forward future was dropped), it aborts the
-/// upstream connection the request was sent on.
+/// Dropped armed (the client went away, so the forward future was dropped), it takes the
+/// upstream connection the request was sent on out of the pool, and aborts it if a write on it
+/// is stuck. Only then: the runtime may have answered in full already, the connection gone
+/// back to the pool idle or even to the next request, and aborting it there failed that
+/// request with a 502 (the benchmark hit it when `wrk` ended a run with requests in flight).
 pub struct Abandon {
     capture: CaptureConnection,
     armed: bool,
@@ -229,9 +238,10 @@ impl Drop for Abandon {
             return;
         }
         if let Some(connected) = self.capture.connection_metadata().as_ref() {
+            connected.poison();
             let mut extras = http::Extensions::new();
             connected.get_extras(&mut extras);
-            if let Some(abort) = extras.get::<Abort>() {
+            if let Some(abort) = extras.get::<Abort>().filter(|a| a.is_stalled()) {
                 abort.abort();
             }
         }
@@ -262,6 +272,7 @@ impl UpstreamIo {
         result: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         self.write_stalled = result.is_pending();
+        self.abort.0.stalled.store(self.write_stalled, Ordering::SeqCst);
         if result.is_pending() {
             self.abort.0.waker.register(cx.waker());
             if self.abort.is_aborted() {
