@@ -272,7 +272,10 @@ impl UpstreamIo {
         result: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         self.write_stalled = result.is_pending();
-        self.abort.0.stalled.store(self.write_stalled, Ordering::SeqCst);
+        self.abort
+            .0
+            .stalled
+            .store(self.write_stalled, Ordering::SeqCst);
         if result.is_pending() {
             self.abort.0.waker.register(cx.waker());
             if self.abort.is_aborted() {
@@ -350,5 +353,63 @@ impl hyper::rt::Write for UpstreamIo {
             return Poll::Ready(Err(aborted()));
         }
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    /// A keep-alive upstream that answers every request with `ok` at once.
+    async fn upstream() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// The benchmark's 502: a forward dropped after the runtime had answered in full (the
+    /// connection back in the pool) aborted that pooled connection, and the next request
+    /// given it failed.
+    #[tokio::test]
+    async fn an_abandoned_request_the_runtime_answered_does_not_break_the_next_one() {
+        let addr = upstream().await;
+        let client: Client<UpstreamConnector, Empty<bytes::Bytes>> =
+            Client::builder(TokioExecutor::new()).build(UpstreamConnector(HttpConnector::new()));
+        let get = || {
+            http::Request::get(format!("http://{addr}/"))
+                .body(Empty::new())
+                .unwrap()
+        };
+        let mut first = get();
+        let abandon = Abandon::arm(&mut first);
+        let response = client.request(first).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        // The connection is idle in the pool now; the forward is dropped before disarming.
+        drop(abandon);
+        for _ in 0..3 {
+            let response = tokio::time::timeout(Duration::from_secs(10), client.request(get()))
+                .await
+                .expect("the next request is answered")
+                .expect("the next request does not fail on an aborted connection");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
     }
 }
