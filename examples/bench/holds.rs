@@ -109,6 +109,9 @@ pub async fn run(taskgate: &Path, rounds: usize) -> Result<String, Error> {
 
 type Http = Client<HttpConnector, Full<Bytes>>;
 
+/// Per stream, each `session.idle` that reached it: session id, when.
+type Arrivals = Arc<Mutex<Vec<Vec<(String, Instant)>>>>;
+
 async fn call(http: &Http, method: &str, url: String, body: Value) -> Result<Value, Error> {
     let req = Request::builder()
         .method(method)
@@ -138,8 +141,7 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
     let gate_url = format!("http://{}", gate.addr);
 
     // Every stream records when each session's `session.idle` reached it.
-    let arrivals: Arc<Mutex<Vec<Vec<(String, Instant)>>>> =
-        Arc::new(Mutex::new(vec![Vec::new(); STREAMS]));
+    let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); STREAMS]));
     let mut readers = Vec::new();
     for i in 0..STREAMS {
         let mut stream = EventStream::open(&gate_url).await?;
