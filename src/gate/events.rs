@@ -11,7 +11,7 @@
 //! there are no locks; waits report back through a channel. Frames it cannot parse pass through
 //! untouched.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -365,8 +365,16 @@ impl StreamGate {
         let deadline = Instant::now() + self.gate.inner.config.max_hold.0;
         let id = target.id.clone();
         let task = tokio::spawn(async move {
+            // Only a changed verdict is reported: the hold rows show nothing else, and with
+            // thousands of claims held, cloning every shared read into every stream was most of
+            // the work between reads.
+            let last = std::sync::Mutex::new(None::<Verdict>);
             let seen = |d: &Decision| {
-                let _ = done.send((target.id.clone(), Waited::Read(d.clone())));
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_ref() != Some(&d.verdict) {
+                    *last = Some(d.verdict.clone());
+                    let _ = done.send((target.id.clone(), Waited::Read(d.clone())));
+                }
             };
             let outcome = oracle
                 .wait_terminal_seeing(&target, Some(deadline), seen)
@@ -387,15 +395,24 @@ impl StreamGate {
 
     /// A session went busy again: its held idles are dropped (a later idle takes their place).
     fn drop_idles(&mut self, session: &str) {
+        let before = self.held.len();
         self.held
             .retain(|_, h| !(matches!(h.kind, HeldKind::Idle) && h.session == session));
-        self.forget_unwanted_waits();
+        if self.held.len() != before {
+            self.forget_unwanted_waits();
+        }
     }
 
     fn forget_unwanted_waits(&mut self) {
-        let held = &self.held;
+        // One pass over the held frames, not one per wait: a stream holding 200 frames on
+        // 200 targets did 40,000 comparisons on every busy event.
+        let wanted: HashSet<&str> = self
+            .held
+            .values()
+            .flat_map(|h| h.pending.iter().map(String::as_str))
+            .collect();
         self.waits.retain(|target, wait| {
-            let wanted = held.values().any(|h| h.pending.iter().any(|p| p == target));
+            let wanted = wanted.contains(target.as_str());
             if !wanted {
                 wait.abort();
             }

@@ -180,6 +180,10 @@ struct Reading {
     /// Since when the tree has been at rest with only clause 5 unmatched, and the tree's last
     /// activity then: a later read with the same activity keeps the same start.
     rest: Option<(Instant, rule::Activity)>,
+    /// When the current unbroken run of terminal reads began (reads no further apart than two
+    /// poll intervals): where the settle window starts, the same for every waiter of the tree,
+    /// so their closing re-reads coalesce into one instead of one per waiter.
+    terminal_since: Option<Instant>,
 }
 
 /// How fresh a shared read must be for a caller to reuse it.
@@ -327,7 +331,8 @@ impl Oracle {
                 // Rule 6: hold for the settle window, then re-read. An event meanwhile causes a
                 // re-read; the window only starts over if that read is not terminal (runtime
                 // chatter such as `session.updated` after an idle must not postpone it).
-                let settle_end = *settling.get_or_insert(Instant::now() + self.inner.settle_window);
+                let since = reading.terminal_since.unwrap_or(reading.started);
+                let settle_end = *settling.get_or_insert(since + self.inner.settle_window);
                 match self
                     .wait_change(&reading, settle_end, deadline, &mut changes)
                     .await
@@ -491,11 +496,25 @@ impl Oracle {
         deadline: Option<Instant>,
         changes: &mut tokio::sync::watch::Receiver<u64>,
     ) -> Wake {
+        let wakers = self.inner.state.wakers(&reading.ids);
         loop {
+            // Registered before the check, so a change in between still wakes this wait.
+            let mut notified: Vec<_> = wakers.iter().map(|w| Box::pin(w.notified())).collect();
+            for n in &mut notified {
+                n.as_mut().enable();
+            }
             if self.inner.state.changed_since(&reading.ids, reading.seq) {
                 return Wake::Changed;
             }
+            let any_change = async {
+                if notified.is_empty() {
+                    std::future::pending::<()>().await;
+                } else {
+                    futures_util::future::select_all(notified).await;
+                }
+            };
             tokio::select! {
+                () = any_change => {}
                 r = changes.changed() => {
                     if r.is_err() {
                         // The watcher's state lives as long as the oracle; this cannot happen,
@@ -536,6 +555,13 @@ impl Oracle {
         let started = Instant::now();
         let seq = self.inner.state.seq();
         let previous_rest = cached.as_ref().and_then(|r| r.rest);
+        let previous_terminal = cached
+            .as_ref()
+            .filter(|r| {
+                r.error.is_none()
+                    && started.saturating_duration_since(r.started) <= 2 * self.inner.poll_interval
+            })
+            .and_then(|r| r.terminal_since);
         let reading = match self.read_tree(session).await {
             Ok(tree) => {
                 let mut decision = tree.decision;
@@ -558,6 +584,10 @@ impl Oracle {
                             Some(unix_ms().saturating_add(left).div_ceil(1000) * 1000);
                     }
                 }
+                let terminal_since = decision
+                    .verdict
+                    .is_terminal()
+                    .then(|| previous_terminal.unwrap_or(started));
                 Reading {
                     started,
                     seq,
@@ -565,6 +595,7 @@ impl Oracle {
                     decision,
                     error: None,
                     rest,
+                    terminal_since,
                 }
             }
             Err(e) => Reading {
@@ -574,6 +605,7 @@ impl Oracle {
                 decision: unknown(&e.to_string()),
                 error: Some(e),
                 rest: None,
+                terminal_since: None,
             },
         };
         *cached = Some(reading.clone());

@@ -34,9 +34,11 @@ impl Drop for GaugeGuard {
     }
 }
 
-/// See the module doc.
-pub struct Relay {
-    inner: Body,
+/// See the module doc. Generic over the inner body so the forward path wraps hyper's body
+/// directly instead of boxing it twice (once into a [`Body`], once more around the relay).
+pub struct Relay<B = Body> {
+    /// `None` once ended at shutdown: dropping the upstream body closes that connection.
+    inner: Option<B>,
     bytes: Counter,
     /// For long-lived streams only: when it resolves the body ends cleanly (the final chunk is
     /// written), so a graceful shutdown is not held up by a stream that never ends by itself.
@@ -48,10 +50,10 @@ pub struct Relay {
     failed: Option<Arc<AtomicBool>>,
 }
 
-impl Relay {
-    pub fn new(inner: Body, bytes: Counter) -> Relay {
+impl<B> Relay<B> {
+    pub fn new(inner: B, bytes: Counter) -> Relay<B> {
         Relay {
-            inner,
+            inner: Some(inner),
             bytes,
             end_on: None,
             _open: None,
@@ -61,20 +63,24 @@ impl Relay {
 
     /// Records in `flag` whether the inner body failed, so a forward that fails because the
     /// client's body broke is not blamed on the runtime.
-    pub fn flag_failure(mut self, flag: Arc<AtomicBool>) -> Relay {
+    pub fn flag_failure(mut self, flag: Arc<AtomicBool>) -> Relay<B> {
         self.failed = Some(flag);
         self
     }
 
     /// Makes this a long-lived stream: it counts as open in `gauge` and ends at `shutdown`.
-    pub fn stream(mut self, shutdown: WaitForCancellationFutureOwned, gauge: Gauge) -> Relay {
+    pub fn stream(mut self, shutdown: WaitForCancellationFutureOwned, gauge: Gauge) -> Relay<B> {
         self.end_on = Some(Box::pin(shutdown));
         self._open = Some(GaugeGuard::new(gauge));
         self
     }
 }
 
-impl http_body::Body for Relay {
+impl<B> http_body::Body for Relay<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -85,35 +91,41 @@ impl http_body::Body for Relay {
         if let Some(end) = self.end_on.as_mut() {
             if end.as_mut().poll(cx).is_ready() {
                 // Dropping the upstream body now closes that upstream connection at once.
-                self.inner = Body::empty();
+                self.inner = None;
                 self.end_on = None;
                 self._open = None;
                 return Poll::Ready(None);
             }
         }
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &frame {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(inner).poll_frame(cx));
+        match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     self.bytes.inc_by(data.len() as u64);
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(_)) => {
+            Some(Err(e)) => {
                 if let Some(flag) = &self.failed {
                     flag.store(true, Ordering::SeqCst);
                 }
+                Poll::Ready(Some(Err(axum::Error::new(e))))
             }
-            None => {}
+            None => Poll::Ready(None),
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 

@@ -29,7 +29,7 @@ use super::body::Relay;
 use super::error::ProxyError;
 use super::socket::Abandon;
 use super::{headers, upgrade, ProxyState};
-use crate::metrics::{KindLabel, StatusClass};
+use crate::metrics::KindLabel;
 
 /// Forwards one request and returns what the client gets. Dropping the future (the client went
 /// away) drops the upstream request, which closes that upstream connection: the runtime sees
@@ -50,9 +50,11 @@ pub async fn forward(
     let client_upgrade = upgrade_to.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    // Logged instead of the full target: queries may carry `auth_token`.
+    // For the logs (only its path is logged: queries may carry `auth_token`). A clone shares
+    // the parsed bytes, where copying the path out allocated on every request.
     let method = parts.method.clone();
-    let path = parts.uri.path().to_owned();
+    let client_uri = parts.uri.clone();
+    let path = client_uri.path();
     let mut target = http::uri::Parts::default();
     target.scheme = Some(http::uri::Scheme::HTTP);
     target.authority = Some(state.authority().clone());
@@ -68,7 +70,7 @@ pub async fn forward(
         // Scheme, a validated authority and a parsed path-and-query always make a URI.
         Err(e) => {
             tracing::error!(error = %e, "cannot build the upstream URI");
-            return finish(state, ProxyError::Protocol, &method, &path, started);
+            return finish(state, ProxyError::Protocol, &method, path, started);
         }
     };
     // HTTP/1.1 upstream whatever the client spoke, so an HTTP/1.0 client's request can still use
@@ -95,8 +97,7 @@ pub async fn forward(
     }
     let body_failed = Arc::new(AtomicBool::new(false));
     let body = Body::new(
-        Relay::new(Body::new(body), metrics.bytes_to_upstream.clone())
-            .flag_failure(body_failed.clone()),
+        Relay::new(body, metrics.bytes_to_upstream.clone()).flag_failure(body_failed.clone()),
     );
     let mut upstream_req = Request::from_parts(parts, body);
 
@@ -128,14 +129,14 @@ pub async fn forward(
                 metrics.upstream_up.set(0);
             }
             tracing::warn!(%method, %path, kind = error.kind(), error = ?e, "upstream request failed");
-            return finish(state, error, &method, &path, started);
+            return finish(state, error, &method, path, started);
         }
     };
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
             tracing::warn!(%method, %path, "runtime switched protocols without being asked");
-            return finish(state, ProxyError::Protocol, &method, &path, started);
+            return finish(state, ProxyError::Protocol, &method, path, started);
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let (mut parts, _) = response.into_parts();
@@ -148,26 +149,50 @@ pub async fn forward(
             parts.headers.insert(header::UPGRADE, protocol);
         }
         upgrade::spawn_tunnel(tunnels, shutdown.clone(), client_upgrade, upstream_upgrade);
-        record(state, parts.status, &method, &path, started);
+        record(state, parts.status, &method, path, started);
         return Response::from_parts(parts, Body::empty());
     }
 
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    let mut response = Response::from_parts(parts, Body::new(body));
-    if let (Some(gate), Some(intercept)) = (state.gate(), intercept) {
-        response = gate.filter(intercept, response).await;
-    }
-    let (parts, body) = response.into_parts();
+    // Not intercepted (almost every request): hyper's body is relayed as it is, one box.
+    let (parts, body) = match (state.gate(), intercept) {
+        (Some(gate), Some(intercept)) => {
+            let response = Response::from_parts(parts, Body::new(body));
+            let (parts, body) = gate.filter(intercept, response).await.into_parts();
+            let body = relay(state, shutdown, &parts.headers, body);
+            (parts, body)
+        }
+        _ => {
+            let body = relay(state, shutdown, &parts.headers, body);
+            (parts, body)
+        }
+    };
+    record(state, parts.status, &method, path, started);
+    Response::from_parts(parts, body)
+}
+
+/// The response body as the client gets it: counted, and for an event stream, ended at
+/// shutdown and counted as open.
+fn relay<B>(
+    state: &ProxyState,
+    shutdown: &CancellationToken,
+    headers: &http::HeaderMap,
+    body: B,
+) -> Body
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    let metrics = state.metrics();
     let mut relay = Relay::new(body, metrics.bytes_to_client.clone());
-    if is_event_stream(&parts.headers) {
+    if is_event_stream(headers) {
         relay = relay.stream(
             shutdown.clone().cancelled_owned(),
             metrics.sse_streams_open.clone(),
         );
     }
-    record(state, parts.status, &method, &path, started);
-    Response::from_parts(parts, Body::new(relay))
+    Body::new(relay)
 }
 
 fn is_event_stream(headers: &http::HeaderMap) -> bool {
@@ -213,13 +238,7 @@ pub fn client_error(
         .client_errors
         .get_or_create(&KindLabel { kind })
         .inc();
-    state
-        .metrics()
-        .requests
-        .get_or_create(&StatusClass {
-            class: status_class(status),
-        })
-        .inc();
+    state.requests(status).inc();
     super::error::json_response(
         status,
         &serde_json::json!({"error": {"kind": kind, "message": message}}),
@@ -233,25 +252,8 @@ fn record(
     path: &str,
     started: Instant,
 ) {
-    let class = StatusClass {
-        class: status_class(status),
-    };
-    let metrics = state.metrics();
-    metrics.requests.get_or_create(&class).inc();
-    metrics
-        .request_duration
-        .get_or_create(&class)
-        .observe(started.elapsed().as_secs_f64());
-    tracing::debug!(%method, %path, status = status.as_u16(), elapsed = ?started.elapsed(), "forwarded");
-}
-
-/// "1xx" … "5xx", the bounded label of the request counter.
-pub fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
-    }
+    let elapsed = started.elapsed();
+    state.requests(status).inc();
+    state.durations(status).observe(elapsed.as_secs_f64());
+    tracing::debug!(%method, %path, status = status.as_u16(), ?elapsed, "forwarded");
 }

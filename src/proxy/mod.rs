@@ -42,7 +42,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::gate::Gate;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StatusClass};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 pub use error::ProxyError;
 
@@ -77,9 +79,20 @@ struct StateInner {
     authority: Authority,
     client: UpstreamClient,
     metrics: Metrics,
+    /// The request counter of each status class, "1xx" … "5xx", looked up once: finding the
+    /// label set in the family took a lock and a hash on every request.
+    requests: [Counter; 5],
+    /// `taskgate_request_duration_seconds{class}` of each class, looked up once for the same
+    /// reason.
+    durations: [Histogram; 5],
     /// `None` makes taskgate a plain transparent proxy (`gate.enabled = false`, and tests of the
     /// forwarder, which must not depend on a runtime behind the oracle).
     gate: Option<Gate>,
+}
+
+/// "1xx" … "5xx" as 0 … 4 (anything out of range counts with its nearest class).
+fn class_index(status: StatusCode) -> usize {
+    usize::from(status.as_u16() / 100).clamp(1, 5) - 1
 }
 
 impl ProxyState {
@@ -100,12 +113,26 @@ impl ProxyState {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .build(socket::UpstreamConnector(connector));
+        let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+            metrics
+                .requests
+                .get_or_create(&StatusClass { class })
+                .clone()
+        });
+        let durations = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+            metrics
+                .request_duration
+                .get_or_create(&StatusClass { class })
+                .clone()
+        });
         Ok(ProxyState {
             inner: Arc::new(StateInner {
                 config,
                 authority,
                 client,
                 metrics,
+                requests,
+                durations,
                 gate,
             }),
         })
@@ -117,6 +144,16 @@ impl ProxyState {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// `taskgate_requests_total{class}` for an answer with `status`.
+    pub fn requests(&self, status: StatusCode) -> &Counter {
+        &self.inner.requests[class_index(status)]
+    }
+
+    /// `taskgate_request_duration_seconds{class}` for an answer with `status`.
+    pub fn durations(&self, status: StatusCode) -> &Histogram {
+        &self.inner.durations[class_index(status)]
     }
 
     pub fn gate(&self) -> Option<&Gate> {
@@ -267,9 +304,8 @@ async fn serve_connection(
             let in_flight = activity.begin();
             async move {
                 let response = handle(&server, peer, req).await;
-                Ok::<_, Infallible>(
-                    response.map(|body| Body::new(limits::Tracked::new(body, in_flight))),
-                )
+                // Tracked as it is, not boxed once more: hyper takes any body type.
+                Ok::<_, Infallible>(response.map(|body| limits::Tracked::new(body, in_flight)))
             }
         })
     };
