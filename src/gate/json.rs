@@ -10,7 +10,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use super::holds::{HoldGuard, HoldKind};
@@ -18,6 +18,7 @@ use super::Gate;
 use crate::claims::{self, render, Links};
 use crate::opencode::ToolPart;
 use crate::oracle::{Decision, OracleError, SessionRef, Verdict};
+use crate::proxy::body::read_limited;
 
 /// `POST /session/:id/message`: the runtime answers when the session's agent loop ends, which
 /// for a background launch is long before the child (and the parent's follow-up turn) is done.
@@ -38,8 +39,10 @@ pub(super) async fn prompt(
     response: Response<Body>,
 ) -> Response<Body> {
     let inner = &gate.inner;
-    let (mut parts, original) = match read_whole(gate, response).await {
-        Ok(read) => read,
+    // A prompt reply waits for a turn rather than pass unheld; the turn ends once it is read,
+    // since the reply is held as bytes, never parsed.
+    let (mut parts, original) = match read_whole(gate, response, Turn::Wait).await {
+        Ok(read) => (read.parts, read.body),
         Err(passthrough) => return passthrough,
     };
     let guard = inner.holds.open(HoldKind::Prompt, &session.id, &session.id);
@@ -237,11 +240,15 @@ pub(super) async fn status(
     response: Response<Body>,
 ) -> Response<Body> {
     let inner = &gate.inner;
-    let (mut parts, original) = match read_whole(gate, response).await {
+    let Read {
+        mut parts,
+        body: original,
+        turn: _turn,
+    } = match read_whole(gate, response, Turn::OrPassThrough).await {
         Ok(read) => read,
         Err(passthrough) => return passthrough,
     };
-    let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(&original) else {
+    let Some(Value::Object(mut map)) = parse(&original).await else {
         gate.count_uninspected("not_json");
         return Response::from_parts(parts, Body::from(original));
     };
@@ -298,7 +305,9 @@ pub(super) async fn status(
     if !changed {
         return Response::from_parts(parts, Body::from(original));
     }
-    replace_body(&mut parts, Value::Object(map))
+    let large = original.len() > SMALL_BODY;
+    drop(original);
+    replace_body(&mut parts, Value::Object(map), large).await
 }
 
 /// `GET /session/:id/message[/:mid]`: history is rewritten, never held. A claim part whose child
@@ -306,11 +315,15 @@ pub(super) async fn status(
 /// `state.metadata.taskgate.original`.
 pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>) -> Response<Body> {
     let inner = &gate.inner;
-    let (mut parts, original) = match read_whole(gate, response).await {
+    let Read {
+        mut parts,
+        body: original,
+        turn: _turn,
+    } = match read_whole(gate, response, Turn::OrPassThrough).await {
         Ok(read) => read,
         Err(passthrough) => return passthrough,
     };
-    let Ok(mut value) = serde_json::from_slice::<Value>(&original) else {
+    let Some(mut value) = parse(&original).await else {
         gate.count_uninspected("not_json");
         return Response::from_parts(parts, Body::from(original));
     };
@@ -394,7 +407,9 @@ pub(super) async fn history(gate: &Gate, single: bool, response: Response<Body>)
     if !changed {
         return Response::from_parts(parts, Body::from(original));
     }
-    replace_body(&mut parts, value)
+    let large = original.len() > SMALL_BODY;
+    drop(original);
+    replace_body(&mut parts, value, large).await
 }
 
 /// Sets `x-taskgate-verdict` and `x-taskgate-held-ms` on a released reply.
@@ -403,8 +418,17 @@ fn mark(headers: &mut http::HeaderMap, verdict: &'static str, held_ms: u64) {
     headers.insert("x-taskgate-held-ms", HeaderValue::from(held_ms));
 }
 
-fn replace_body(parts: &mut http::response::Parts, value: Value) -> Response<Body> {
-    let body = serde_json::to_vec(&value).unwrap_or_default();
+async fn replace_body(
+    parts: &mut http::response::Parts,
+    value: Value,
+    large: bool,
+) -> Response<Body> {
+    let write = move || serde_json::to_vec(&value).unwrap_or_default();
+    let body = if large {
+        tokio::task::spawn_blocking(write).await.unwrap_or_default()
+    } else {
+        write()
+    };
     // Hyper derives the new length from the body; a stale one would cut the reply.
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.remove(header::ETAG);
@@ -415,18 +439,80 @@ fn replace_body(parts: &mut http::response::Parts, value: Value) -> Response<Bod
     response
 }
 
+/// A body up to this size is read and parsed on the spot, without a turn: most replies (status
+/// maps, short histories) are this small, and parsing one takes well under a millisecond. A
+/// larger one takes a turn (`proxy.inspect_concurrency`) and is parsed and written on the
+/// blocking pool, so it neither stalls the async workers nor multiplies memory without bound.
+const SMALL_BODY: usize = 256 * 1024;
+
+/// An intercepted response read whole.
+struct Read {
+    parts: http::response::Parts,
+    body: Bytes,
+    /// The turn a large body took; held while it is parsed and rewritten.
+    turn: Option<OwnedSemaphorePermit>,
+}
+
+/// What a large body does when every turn is taken.
+enum Turn {
+    /// Waits for one: a held prompt may not pass unheld.
+    Wait,
+    /// Passes through uninspected, counted as `kind="concurrency"`.
+    OrPassThrough,
+}
+
 /// Reads an intercepted response whole, or hands it back unread (counted) when it is larger
-/// than `proxy.inspect_limit_bytes`.
+/// than `proxy.inspect_limit_bytes`, or large while every turn is taken and `turn` allows.
 async fn read_whole(
     gate: &Gate,
     response: Response<Body>,
-) -> Result<(http::response::Parts, Bytes), Response<Body>> {
+    turn: Turn,
+) -> Result<Read, Response<Body>> {
     let (parts, body) = response.into_parts();
-    match crate::proxy::body::read_limited(body, gate.inner.inspect_limit).await {
-        Ok(bytes) => Ok((parts, bytes)),
+    let limit = gate.inner.inspect_limit;
+    let body = match read_limited(body, SMALL_BODY.min(limit)).await {
+        Ok(body) => {
+            return Ok(Read {
+                parts,
+                body,
+                turn: None,
+            })
+        }
+        Err(rest) if limit <= SMALL_BODY => {
+            gate.count_uninspected("too_large");
+            return Err(Response::from_parts(parts, rest));
+        }
+        Err(rest) => rest,
+    };
+    let turns = gate.inner.inspections.clone();
+    let turn = match turn {
+        // The semaphore is never closed: `None` cannot happen, and would only skip the bound.
+        Turn::Wait => turns.acquire_owned().await.ok(),
+        Turn::OrPassThrough => match turns.try_acquire_owned() {
+            Ok(turn) => Some(turn),
+            Err(_) => {
+                gate.count_uninspected("concurrency");
+                return Err(Response::from_parts(parts, body));
+            }
+        },
+    };
+    match read_limited(body, limit).await {
+        Ok(body) => Ok(Read { parts, body, turn }),
         Err(passthrough) => {
             gate.count_uninspected("too_large");
             Err(Response::from_parts(parts, passthrough))
         }
     }
+}
+
+/// Parses a body read whole; a large one on the blocking pool.
+async fn parse(body: &Bytes) -> Option<Value> {
+    if body.len() <= SMALL_BODY {
+        return serde_json::from_slice(body).ok();
+    }
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || serde_json::from_slice(&body).ok())
+        .await
+        .ok()
+        .flatten()
 }

@@ -78,6 +78,9 @@ struct Inner {
     shutdown: CancellationToken,
     /// Largest body read for inspection (`proxy.inspect_limit_bytes`).
     inspect_limit: usize,
+    /// Turns to read and parse a large body (`proxy.inspect_concurrency`): what bounds the
+    /// gate's memory when many large histories arrive at once.
+    inspections: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gate {
@@ -96,6 +99,9 @@ impl Gate {
                 metrics,
                 shutdown,
                 inspect_limit: config.proxy.inspect_limit_bytes,
+                inspections: Arc::new(tokio::sync::Semaphore::new(
+                    config.proxy.inspect_concurrency,
+                )),
             }),
         }
     }
