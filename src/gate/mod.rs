@@ -81,6 +81,7 @@ struct Inner {
     /// Turns to read and parse a large body (`proxy.inspect_concurrency`): what bounds the
     /// gate's memory when many large histories arrive at once.
     inspections: Arc<tokio::sync::Semaphore>,
+    inspect_concurrency: usize,
 }
 
 impl Gate {
@@ -102,6 +103,7 @@ impl Gate {
                 inspections: Arc::new(tokio::sync::Semaphore::new(
                     config.proxy.inspect_concurrency,
                 )),
+                inspect_concurrency: config.proxy.inspect_concurrency,
             }),
         }
     }
