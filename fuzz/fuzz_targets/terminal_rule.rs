@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
-use taskgate::opencode::{Message, Session, SessionStatus};
+use taskgate::opencode::{Message, MessageError, Role, Session, SessionStatus};
 use taskgate::oracle::rule::{judge, SessionSnapshot, TreeSnapshot};
 use taskgate::oracle::Verdict;
 
@@ -44,16 +44,14 @@ const IDS: [&str; 5] = [
     "ses_g4",
 ];
 
-/// Read once: parsing the fixtures on every input would be most of the work.
-fn recorded() -> &'static [Value] {
-    static RECORDED: OnceLock<Vec<Value>> = OnceLock::new();
+/// Read once, as typed messages: parsing or converting the fixtures on every input would be
+/// most of the work.
+fn recorded() -> &'static [Message] {
+    static RECORDED: OnceLock<Vec<Message>> = OnceLock::new();
     RECORDED.get_or_init(|| {
         FIXTURES
             .iter()
-            .flat_map(|text| match serde_json::from_str::<Value>(text) {
-                Ok(Value::Array(list)) => list,
-                _ => Vec::new(),
-            })
+            .flat_map(|text| serde_json::from_str::<Vec<Message>>(text).unwrap_or_default())
             .collect()
     })
 }
@@ -85,31 +83,27 @@ fn made_up_part(u: &mut Unstructured) -> Result<Value> {
     })
 }
 
-fn message(u: &mut Unstructured, recorded: &[Value], n: i64) -> Result<Value> {
+fn message(u: &mut Unstructured, recorded: &[Message], n: i64) -> Result<Option<Message>> {
     if !recorded.is_empty() && u.arbitrary::<bool>()? {
         let mut m = pick(u, recorded)?.clone();
+        let error = |name: &str, message: &str| MessageError {
+            name: name.to_owned(),
+            data: json!({ "message": message }),
+        };
         match u.int_in_range(0..=5)? {
-            0 => {
-                if let Some(time) = m.pointer_mut("/info/time").and_then(Value::as_object_mut) {
-                    time.remove("completed");
-                }
-            }
-            1 => m["info"]["error"] = json!({"name": "APIError", "data": {"message": "boom"}}),
-            2 => {
-                m["info"]["error"] =
-                    json!({"name": "MessageAbortedError", "data": {"message": "stop"}})
-            }
+            0 => m.info.time.completed = None,
+            1 => m.info.error = Some(error("APIError", "boom")),
+            2 => m.info.error = Some(error("MessageAbortedError", "stop")),
             3 => {
-                let role = if m["info"]["role"] == "user" {
-                    "assistant"
+                m.info.role = if m.info.role == Role::User {
+                    Role::Assistant
                 } else {
-                    "user"
-                };
-                m["info"]["role"] = json!(role);
+                    Role::User
+                }
             }
             _ => {}
         }
-        return Ok(m);
+        return Ok(Some(m));
     }
     let role = *pick(u, &["user", "assistant"])?;
     let mut info = json!({"id": format!("msg_{n:03}"), "sessionID": "x", "role": role,
@@ -134,7 +128,7 @@ fn message(u: &mut Unstructured, recorded: &[Value], n: i64) -> Result<Value> {
     let parts = (0..u.int_in_range(0..=3)?)
         .map(|_| made_up_part(u))
         .collect::<Result<Vec<_>>>()?;
-    Ok(json!({"info": info, "parts": parts}))
+    Ok(serde_json::from_value(json!({"info": info, "parts": parts})).ok())
 }
 
 fn tree(u: &mut Unstructured) -> Result<TreeSnapshot> {
@@ -164,7 +158,7 @@ fn tree(u: &mut Unstructured) -> Result<TreeSnapshot> {
         let mut messages = Vec::new();
         for _ in 0..u.int_in_range(0..=6)? {
             n += 1;
-            if let Ok(m) = serde_json::from_value::<Message>(message(u, recorded, n)?) {
+            if let Some(m) = message(u, recorded, n)? {
                 messages.push(m);
             }
         }
