@@ -73,6 +73,24 @@ impl Dice {
     }
 }
 
+/// The taskgate process, killed when the soak ends however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Why a request got no answer.
+enum Failure {
+    /// None within [`LIVENESS`]: a hang.
+    TimedOut,
+    /// The exchange broke (a cut the shim made shows through as a broken body).
+    Broken,
+}
+
 /// What the shim does to the runtime.
 struct Chaos {
     dice: Dice,
@@ -120,7 +138,7 @@ impl Soak {
         method: Method,
         url: &str,
         body: Option<Value>,
-    ) -> Option<(u16, http::HeaderMap, Bytes)> {
+    ) -> Result<(u16, http::HeaderMap, Bytes), Failure> {
         let request = Request::builder()
             .method(method)
             .uri(url)
@@ -131,20 +149,20 @@ impl Soak {
             .unwrap();
         let response = timeout(LIVENESS, self.client.request(request))
             .await
-            .ok()?
-            .ok()?;
+            .map_err(|_| Failure::TimedOut)?
+            .map_err(|_| Failure::Broken)?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = timeout(LIVENESS, response.into_body().collect())
             .await
-            .ok()?
-            .ok()?
+            .map_err(|_| Failure::TimedOut)?
+            .map_err(|_| Failure::Broken)?
             .to_bytes();
-        Some((status, headers, body))
+        Ok((status, headers, body))
     }
 
     async fn json(&self, url: &str) -> Option<Value> {
-        let (status, _, body) = self.call(Method::GET, url, None).await?;
+        let (status, _, body) = self.call(Method::GET, url, None).await.ok()?;
         (status == 200)
             .then(|| serde_json::from_slice(&body).ok())
             .flatten()
@@ -153,7 +171,7 @@ impl Soak {
     /// A new root session, through taskgate (the shim may fail it: a few tries).
     async fn session(&self) -> Option<String> {
         for _ in 0..10 {
-            if let Some((200, _, body)) = self
+            if let Ok((200, _, body)) = self
                 .call(
                     Method::POST,
                     &format!("{}/session", self.proxy),
@@ -206,11 +224,11 @@ impl Soak {
 
     /// A release as completed is checked against the runtime now and 2 s later (a result
     /// injected after the release would show as a new root message).
-    async fn check_completion(self: &Arc<Self>, root: String, how: &'static str) {
+    async fn check_completion(self: &Arc<Self>, root: String, how: &'static str, scenario: &str) {
         let now = self.at_rest(&root).await;
         let Some(count) = now else {
             self.problem(format!(
-                "false completion ({how}): {root}'s tree is not at rest in the runtime"
+                "false completion ({how}, {scenario}): {root}'s tree is not at rest in the runtime"
             ));
             return;
         };
@@ -218,7 +236,7 @@ impl Soak {
         match self.at_rest(&root).await {
             Some(later) if later == count => self.count(format!("completion_verified_{how}")),
             _ => self.problem(format!(
-                "false completion ({how}): {root}'s tree moved after its release"
+                "false completion ({how}, {scenario}): {root}'s tree moved after its release"
             )),
         }
     }
@@ -243,14 +261,21 @@ impl Soak {
             return;
         }
         let started = Instant::now();
-        let Some((status, headers, body)) = self
+        let (status, headers, body) = match self
             .call(Method::POST, &url, Some(Self::prompt(scenario)))
             .await
-        else {
-            self.problem(format!(
-                "hang: prompt {scenario} {root} not answered within {LIVENESS:?}"
-            ));
-            return;
+        {
+            Ok(answer) => answer,
+            Err(Failure::Broken) => {
+                self.count("prompt_broken");
+                return;
+            }
+            Err(Failure::TimedOut) => {
+                self.problem(format!(
+                    "hang: prompt {scenario} {root} not answered within {LIVENESS:?}"
+                ));
+                return;
+            }
         };
         let verdict = headers
             .get("x-taskgate-verdict")
@@ -280,7 +305,7 @@ impl Soak {
             ));
         }
         if status == 200 && verdict == "completed" {
-            self.check_completion(root, "prompt").await;
+            self.check_completion(root, "prompt", scenario).await;
         }
     }
 
@@ -305,13 +330,14 @@ impl Soak {
                 Some(Self::prompt(scenario)),
             )
             .await;
-        if !matches!(accepted, Some((204 | 200, _, _))) {
+        if !matches!(accepted, Ok((204 | 200, _, _))) {
             self.count("prompt_async_failed");
             return;
         }
         let mut last_id: HashMap<String, String> = HashMap::new();
         let mut seen_ids = std::collections::HashSet::new();
         let mut hold_error = false;
+        let mut reconnected = false;
         loop {
             if Instant::now() > deadline {
                 self.problem(format!(
@@ -319,8 +345,14 @@ impl Soak {
                 ));
                 return;
             }
-            match timeout(deadline - Instant::now(), stream.next()).await {
-                Err(_) => continue,
+            let wait = (deadline - Instant::now()).min(Duration::from_secs(2));
+            match timeout(wait, stream.next()).await {
+                Err(_) => {
+                    if reconnected && self.released_by_status(&root).await {
+                        self.check_completion(root, "status", scenario).await;
+                        return;
+                    }
+                }
                 Ok(Some(Ok(event))) => {
                     let kind = event["type"].as_str().unwrap_or_default().to_owned();
                     let session = event
@@ -379,7 +411,7 @@ impl Soak {
                             self.count("events_released_with_error");
                         } else {
                             self.count("events_released_idle");
-                            self.check_completion(root, "event").await;
+                            self.check_completion(root, "event", scenario).await;
                         }
                         return;
                     }
@@ -388,22 +420,14 @@ impl Soak {
                     self.problem(format!("torn frame on the event stream: {torn}"));
                 }
                 Ok(None) => {
-                    // Cut (the shim, or an outage): reconnect, and ask taskgate's status map
-                    // in case the idle went by meanwhile.
+                    // Cut (the shim, or an outage): reconnect, and from now on also ask
+                    // taskgate's status map, since the idle may go by while no stream is open.
                     self.count("events_reconnect");
+                    reconnected = true;
                     sleep(Duration::from_millis(200)).await;
-                    if let Some(status) = self.json(&format!("{}/session/status", self.proxy)).await
-                    {
-                        if status.get(&root).is_none()
-                            && self
-                                .json(&format!("{}/session/{root}/message", self.sim))
-                                .await
-                                .is_some_and(|m| m.as_array().is_some_and(|l| l.len() > 1))
-                        {
-                            self.count("status_released");
-                            self.check_completion(root, "status").await;
-                            return;
-                        }
+                    if self.released_by_status(&root).await {
+                        self.check_completion(root, "status", scenario).await;
+                        return;
                     }
                     match self.open_events().await {
                         Some(s) => {
@@ -415,6 +439,22 @@ impl Soak {
                 }
             }
         }
+    }
+
+    /// Taskgate's status map no longer lists the root, which has answered: released there.
+    async fn released_by_status(&self, root: &str) -> bool {
+        let Some(status) = self.json(&format!("{}/session/status", self.proxy)).await else {
+            return false;
+        };
+        let released = status.get(root).is_none()
+            && self
+                .json(&format!("{}/session/{root}/message", self.sim))
+                .await
+                .is_some_and(|m| m.as_array().is_some_and(|l| l.len() > 1));
+        if released {
+            self.count("status_released");
+        }
+        released
     }
 
     async fn open_events(&self) -> Option<Events> {
@@ -458,8 +498,9 @@ impl Soak {
                 )
                 .await
             {
-                Some((status, _, _)) => self.count(format!("history_{status}")),
-                None => self.problem(format!("hang: history of {id}")),
+                Ok((status, _, _)) => self.count(format!("history_{status}")),
+                Err(Failure::Broken) => self.count("history_broken"),
+                Err(Failure::TimedOut) => self.problem(format!("hang: history of {id}")),
             }
         }
         let _ = timeout(
@@ -671,13 +712,15 @@ async fn fault_soak() {
          [gate]\nsettle_window = \"300ms\"\nrest_bound = \"5s\"\nmax_hold = \"60s\"\nprompt_commit_after = \"120s\"\n\
          [log]\nfilter = \"warn\"\n").as_bytes()).unwrap();
     let log = std::fs::File::create(dir.path().join("taskgate.log")).unwrap();
-    let mut taskgate = std::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
+    let taskgate = std::process::Command::new(env!("CARGO_BIN_EXE_taskgate"))
         .args(["serve", "--config"])
         .arg(&config)
         .stderr(log)
         .spawn()
         .unwrap();
     let pid = taskgate.id();
+    // Whatever ends the test, taskgate goes with it.
+    let taskgate = KillOnDrop(taskgate);
     let proxy = format!("http://127.0.0.1:{port}");
     let soak = Arc::new(Soak {
         proxy: proxy.clone(),
@@ -773,8 +816,7 @@ async fn fault_soak() {
         .lines()
         .filter(|l| l.contains(&format!("pid={pid},")))
         .collect();
-    let _ = taskgate.kill();
-    let _ = taskgate.wait();
+    drop(taskgate);
     stop.cancel();
 
     let tally = soak.tally.lock().unwrap();
