@@ -305,6 +305,11 @@ pub(super) async fn status(
         .map(|h| h.session)
         .collect();
     held.extend(inner.oracle.pending_prompts());
+    // So may a parent whose tree rests with a launch not yet answered while nothing holds it
+    // (no event stream open, or all cut): within the liveness bound it is not done.
+    let bound =
+        inner.oracle.rest_bound() + inner.config.settle_window.0 + inner.oracle.poll_interval();
+    held.extend(inner.oracle.watch_state().recent_parents(bound));
     held.sort();
     held.dedup();
     for id in held {
