@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 seconds="${1:-60}"
-for target in sse_framer model_format; do
+for target in sse_framer model_format claims terminal_rule; do
     mkdir -p "fuzz/corpus/$target"
     echo "== $target: ${seconds}s"
     cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \

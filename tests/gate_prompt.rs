@@ -1,4 +1,5 @@
-//! The synchronous prompt's hold against a scripted runtime that compresses its replies.
+//! The synchronous prompt's hold against a scripted runtime whose replies the gate cannot keep
+//! as they came: compressed, or larger than `proxy.inspect_limit_bytes`.
 
 #[path = "support/oracle.rs"]
 mod oracle;
@@ -50,6 +51,50 @@ async fn a_compressed_prompt_reply_is_still_held() {
     assert!(response.headers().get("content-encoding").is_none());
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let message: Value = serde_json::from_slice(&body).expect("the latest message, plain JSON");
+    let said: Vec<&str> = message["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["text"].as_str())
+        .collect();
+    assert!(said.contains(&FINAL_TEXT), "{message}");
+}
+
+/// The bug this pins: a prompt reply larger than `proxy.inspect_limit_bytes` was passed on at
+/// once, unheld, like any body too large to inspect. Its hold is a safety promise: now the body
+/// is dropped, the hold goes on, and the latest message is the reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_reply_larger_than_the_inspect_limit_is_still_held() {
+    let up = Upstream::start(Data::child_busy(), None).await;
+    let (proxy, shutdown) = up
+        .behind_taskgate(|c| c.proxy.inspect_limit_bytes = 16)
+        .await;
+    let _stop = shutdown.drop_guard();
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = http::Request::post(format!("{proxy}/session/{PARENT}/message"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"parts\":[]}")))
+        .unwrap();
+    let reply = tokio::spawn(async move { client.request(request).await.unwrap() });
+    let histories = || {
+        up.double
+            .message_reads
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    eventually("the hold's first read", PATIENCE, || histories() >= 2).await;
+    assert!(
+        !reply.is_finished(),
+        "the large reply was passed on at once"
+    );
+    up.double.set(Data::all_done());
+    let response = tokio::time::timeout(PATIENCE, reply)
+        .await
+        .expect("released once the tree is done")
+        .unwrap();
+    assert_eq!(response.headers()["x-taskgate-verdict"], "completed");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let message: Value = serde_json::from_slice(&body).expect("the latest message");
     let said: Vec<&str> = message["parts"]
         .as_array()
         .unwrap()

@@ -111,6 +111,41 @@ async fn status_map_lists_the_root_busy_while_its_child_works() {
     assert_eq!(proxied[&child], json!({"type": "busy"}), "{proxied}");
 }
 
+/// Found by the fault soak: with no event stream holding the root (all cut by an outage, or a
+/// client that only polls), the status map listed a root idle while its tree rested with a
+/// launch not yet answered (`late-inject`: nothing busy anywhere for a while before the child's
+/// result is injected). The tree is not terminal; taskgate must say busy.
+#[tokio::test]
+async fn status_lists_a_resting_root_with_an_unanswered_launch_busy_without_any_hold() {
+    let stack = stack(|_| {}).await;
+    let root = start(&stack.proxy, "late-inject").await;
+    // The gap: the child idle, nothing in the runtime's status map, no result injected yet.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the scenario never reached its gap"
+        );
+        let status = get(&format!("{}/session/status", stack.sim)).await;
+        let children = get(&format!("{}/session/{root}/children", stack.sim)).await;
+        if let Some(child) = children[0]["id"].as_str() {
+            let child_done = get(&format!("{}/session/{child}/message", stack.sim))
+                .await
+                .as_array()
+                .and_then(|m| m.last().cloned())
+                .is_some_and(|m| m["info"]["finish"] == "stop");
+            if child_done && status.as_object().is_some_and(|m| m.is_empty()) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let proxied = get(&format!("{}/session/status", stack.proxy)).await;
+    // Either the gap still lasts (taskgate must say busy) or the result was injected meanwhile
+    // and the runtime lists the root busy itself: never absent.
+    assert_eq!(proxied[&root], json!({"type": "busy"}), "{proxied}");
+}
+
 #[tokio::test]
 async fn history_shows_the_launch_running_until_the_child_is_done() {
     let stack = stack(|_| {}).await;

@@ -157,3 +157,40 @@ async fn an_unreachable_provider_is_a_json_502_naming_it() {
     );
     assert!(body.contains(&url), "{body}");
 }
+
+/// The model face served its connections with no limits: a half-sent request head kept a
+/// connection open for good. It now has the client face's header-read timeout and connection
+/// cap.
+#[tokio::test]
+async fn model_face_closes_a_half_sent_head_and_caps_connections() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let provider = Provider::start(false).await;
+    let mut config = config(&provider.url, "60s");
+    config.proxy.header_read_timeout.0 = Duration::from_millis(300);
+    config.proxy.max_connections = 1;
+    let face = Face::start(&config, ScriptedTruth::new()).await;
+    let addr = face.url.trim_start_matches("http://").to_owned();
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /openai-chat/chat/completions HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    // The cap is one connection: a second is served only once the slow one is closed.
+    let mut second = TcpStream::connect(&addr).await.unwrap();
+    second
+        .write_all(b"GET /elsewhere HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the half-sent head was never closed");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut answer))
+        .await
+        .expect("the second connection served once the slot freed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}

@@ -136,6 +136,10 @@ pub struct ProxyConfig {
     pub shutdown_grace: HumanDuration,
     /// Largest JSON body the gate will read to inspect; a larger one passes through unread.
     pub inspect_limit_bytes: usize,
+    /// Most large bodies (over 256 KiB) the gate reads and parses at once. Beyond it a history
+    /// or status reply passes through uninspected (counted); a prompt reply waits for its turn,
+    /// since its hold is a safety promise.
+    pub inspect_concurrency: usize,
     /// A client must send a complete request head within this long of the connection being
     /// ready for one (a fresh connection, or a kept-alive one after its last response); else the
     /// connection is closed. Ends slow-header ("slowloris") clients.
@@ -166,6 +170,7 @@ impl Default for ProxyConfig {
             forwarded_headers: true,
             shutdown_grace: HumanDuration(Duration::from_secs(10)),
             inspect_limit_bytes: 16 * 1024 * 1024,
+            inspect_concurrency: 2,
             header_read_timeout: HumanDuration(Duration::from_secs(30)),
             idle_timeout: HumanDuration(Duration::from_secs(20)),
             max_connections: 1024,

@@ -21,6 +21,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.proxy.inspect_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "proxy.inspect_concurrency",
+                "must be at least 1 (a prompt reply over 256 KiB waits for a turn to be read)",
+            ));
+        }
         if self.proxy.header_read_timeout.0.is_zero() {
             return Err(ConfigError::invalid(
                 "proxy.header_read_timeout",

@@ -78,6 +78,10 @@ struct Inner {
     shutdown: CancellationToken,
     /// Largest body read for inspection (`proxy.inspect_limit_bytes`).
     inspect_limit: usize,
+    /// Turns to read and parse a large body (`proxy.inspect_concurrency`): what bounds the
+    /// gate's memory when many large histories arrive at once.
+    inspections: Arc<tokio::sync::Semaphore>,
+    inspect_concurrency: usize,
 }
 
 impl Gate {
@@ -92,6 +96,10 @@ impl Gate {
                 holds,
                 shutdown,
                 inspect_limit: config.proxy.inspect_limit_bytes,
+                inspections: Arc::new(tokio::sync::Semaphore::new(
+                    config.proxy.inspect_concurrency,
+                )),
+                inspect_concurrency: config.proxy.inspect_concurrency,
             }),
         }
     }

@@ -24,24 +24,29 @@ mod forward;
 pub mod providers;
 pub mod truth;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::serve::ListenerExt;
 use axum::Router;
 use http::uri::{Authority, Scheme};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::claims::ClaimTools;
 use crate::config::Config;
 use crate::holds::Holds;
 use crate::oracle::Oracle;
+use crate::proxy::limits;
 use egress::Egress;
 
 pub use truth::{Finding, Recorded, Truth};
@@ -117,6 +122,7 @@ struct Inner {
     max_hold: Duration,
     inspect_limit: usize,
     shutdown_grace: Duration,
+    limits: Limits,
 }
 
 impl ModelFace {
@@ -165,6 +171,11 @@ impl ModelFace {
                 max_hold: model.max_hold.0,
                 inspect_limit: model.inspect_limit_bytes,
                 shutdown_grace: config.proxy.shutdown_grace.0,
+                limits: Limits {
+                    header_read_timeout: config.proxy.header_read_timeout.0,
+                    idle_timeout: config.proxy.idle_timeout.0,
+                    max_connections: config.proxy.max_connections,
+                },
             }),
         })
     }
@@ -212,32 +223,132 @@ pub async fn run_holding(
 
 /// Serves `face` on `listener` until `shutdown`; then in-flight requests (held ones are
 /// released by the oracle's own shutdown) get `proxy.shutdown_grace` to finish.
+///
+/// The client face's connection limits hold here too (`proxy.header_read_timeout`,
+/// `proxy.idle_timeout`, `proxy.max_connections`): whoever can reach this listener could
+/// otherwise keep connections open for good with half-sent heads.
 pub async fn serve(
     listener: TcpListener,
     face: ModelFace,
     shutdown: CancellationToken,
 ) -> Result<(), ModelError> {
-    let grace = face.inner.shutdown_grace;
+    let inner = face.inner.clone();
     let app = Router::new().fallback(forward::handle).with_state(face);
-    // Without TCP_NODELAY, Nagle can hold back a small streamed chunk until the next one.
-    let listener = listener.tap_io(|stream| {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    let slots = Arc::new(Semaphore::new(limits::connection_cap(
+        inner.limits.max_connections,
+    )));
+    let mut connections = JoinSet::new();
+    let mut backoff = limits::AcceptBackoff::default();
+    'serving: loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break 'serving,
+            // Reap finished connection tasks so the set does not grow without bound.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break 'serving, // never closed
+            },
+        };
+        let accepted = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break 'serving,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => break accepted,
+            }
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff.reset();
+                connections.spawn(serve_connection(
+                    app.clone(),
+                    stream,
+                    inner.limits,
+                    shutdown.clone(),
+                    slot,
+                ));
+            }
+            Err(e) => {
+                let delay = backoff.failed(&e);
+                drop(slot);
+                tokio::select! {
+                    () = shutdown.cancelled() => break 'serving,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
         }
-    });
-    let stop = shutdown.clone();
-    let served =
-        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
-    let served = std::future::IntoFuture::into_future(served);
-    tokio::select! {
-        result = served => result?,
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!(?grace, "model face: shutdown grace over; closing what is still open");
-        }
+    }
+    drop(listener);
+    let grace = inner.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            "model face: shutdown grace over; closing what is still open"
+        );
+        connections.shutdown().await;
     }
     tracing::info!("model face stopped");
     Ok(())
+}
+
+/// The connection limits the model face shares with the client face.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections: usize,
+}
+
+/// Serves one connection until it closes, is idle for `idle_timeout`, takes longer than
+/// `header_read_timeout` to send a request head, or shutdown lets its current exchange finish.
+async fn serve_connection(
+    app: Router,
+    stream: TcpStream,
+    limits: Limits,
+    shutdown: CancellationToken,
+    _slot: OwnedSemaphorePermit,
+) {
+    // Without TCP_NODELAY, Nagle can hold back a small streamed chunk until the next one.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let activity = limits::Activity::default();
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req: http::Request<Incoming>| {
+            let (app, in_flight) = (app.clone(), activity.begin());
+            async move {
+                let Ok(response) = tower::ServiceExt::oneshot(app, req).await;
+                Ok::<_, Infallible>(
+                    response.map(|body| Body::new(limits::Tracked::new(body, in_flight))),
+                )
+            }
+        })
+    };
+    // hyper's header timer needs a timer to run at all (without one it is silently off).
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = shutdown.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = activity.idle_for(limits.idle_timeout), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "model face connection ended with an error");
+    }
 }

@@ -51,6 +51,8 @@ pub struct SessionState {
     pub children: BTreeSet<String>,
     /// The global sequence number of the last verdict-relevant change.
     seq: u64,
+    /// When that change was seen (this session's or a child's).
+    changed_at: Option<Instant>,
 }
 
 /// A prompt accepted through taskgate, not yet seen started.
@@ -261,6 +263,7 @@ impl WatchState {
             }
             if relevant {
                 s.seq = seq;
+                s.changed_at = Some(Instant::now());
             }
             let parent = s.parent.clone();
             if let Some(parent) = parent.clone() {
@@ -271,6 +274,7 @@ impl WatchState {
                 // A new or changed child changes its parent's tree too.
                 if relevant {
                     p.seq = seq;
+                    p.changed_at = Some(Instant::now());
                 }
             }
             if event.kind() == "session.deleted" {
@@ -303,6 +307,19 @@ impl WatchState {
                 s.busy_since_ms = Some(super::unix_ms());
             }
         }
+    }
+
+    /// Sessions with children whose tree changed within `within`: a parent at rest with a
+    /// launch not yet answered shows idle in the runtime's status map, and the status surface
+    /// must ask about it even when nothing holds it. Older ones are past the liveness bound.
+    pub fn recent_parents(&self, within: Duration) -> Vec<String> {
+        self.sessions()
+            .iter()
+            .filter(|(_, s)| {
+                !s.children.is_empty() && s.changed_at.is_some_and(|at| at.elapsed() <= within)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Whether `id` was ever seen busy.
