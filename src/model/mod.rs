@@ -38,8 +38,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::claims::ClaimTools;
@@ -234,49 +233,11 @@ pub async fn serve(
 ) -> Result<(), ModelError> {
     let inner = face.inner.clone();
     let app = Router::new().fallback(forward::handle).with_state(face);
-    let slots = Arc::new(Semaphore::new(limits::connection_cap(
-        inner.limits.max_connections,
-    )));
-    let mut connections = JoinSet::new();
-    let mut backoff = limits::AcceptBackoff::default();
-    'serving: loop {
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => break 'serving,
-            // Reap finished connection tasks so the set does not grow without bound.
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break 'serving, // never closed
-            },
-        };
-        let accepted = loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break 'serving,
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                accepted = listener.accept() => break accepted,
-            }
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                backoff.reset();
-                connections.spawn(serve_connection(
-                    app.clone(),
-                    stream,
-                    inner.limits,
-                    shutdown.clone(),
-                    slot,
-                ));
-            }
-            Err(e) => {
-                let delay = backoff.failed(&e);
-                drop(slot);
-                tokio::select! {
-                    () = shutdown.cancelled() => break 'serving,
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
+    let cap = limits::connection_cap(inner.limits.max_connections);
+    let mut connections = limits::accept_loop(&listener, cap, &shutdown, |stream, _, slot| {
+        serve_connection(app.clone(), stream, inner.limits, shutdown.clone(), slot)
+    })
+    .await;
     drop(listener);
     let grace = inner.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {

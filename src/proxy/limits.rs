@@ -9,8 +9,11 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Descriptors kept back from the connection cap for everything else: the listeners, the
 /// oracle's connections, the runtime's log under `wrap`, the runtime's pool spares.
@@ -201,6 +204,59 @@ impl http_body::Body for Tracked {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The accept loop both faces run: at most `cap` connections at once (a slot is taken before
+/// `accept`, so beyond the cap new connections wait in the kernel's backlog), failing accepts
+/// backed off ([`AcceptBackoff`]), finished connection tasks reaped as it goes. Each accepted
+/// connection runs as `serve(stream, peer, slot)`, holding its slot until it ends. Returns at
+/// `shutdown` with the connections still running, for the caller to drain.
+pub async fn accept_loop<F, Fut>(
+    listener: &TcpListener,
+    cap: usize,
+    shutdown: &CancellationToken,
+    mut serve: F,
+) -> JoinSet<()>
+where
+    F: FnMut(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = std::sync::Arc::new(Semaphore::new(cap));
+    let mut connections = JoinSet::new();
+    let mut backoff = AcceptBackoff::default();
+    'serving: loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break 'serving,
+            // Reap finished connection tasks so the set does not grow without bound.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break 'serving, // never closed
+            },
+        };
+        let accepted = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break 'serving,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => break accepted,
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff.reset();
+                connections.spawn(serve(stream, peer, slot));
+            }
+            Err(e) => {
+                let delay = backoff.failed(&e);
+                drop(slot);
+                tokio::select! {
+                    () = shutdown.cancelled() => break 'serving,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    connections
 }
 
 #[cfg(test)]

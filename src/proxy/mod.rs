@@ -34,8 +34,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -214,48 +213,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let grace = state.config().proxy.shutdown_grace.0;
-    let slots = Arc::new(Semaphore::new(limits::connection_cap(
-        state.config().proxy.max_connections,
-    )));
+    let cap = limits::connection_cap(state.config().proxy.max_connections);
     let server = Arc::new(Server {
         state,
         shutdown: shutdown.clone(),
         tunnels: TaskTracker::new(),
     });
-    let mut connections = JoinSet::new();
-    let mut backoff = limits::AcceptBackoff::default();
-    'serving: loop {
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => break 'serving,
-            // Reap finished connection tasks so the set does not grow without bound.
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break 'serving, // never closed
-            },
-        };
-        let accepted = loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break 'serving,
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                accepted = listener.accept() => break accepted,
-            }
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff.reset();
-                connections.spawn(serve_connection(server.clone(), stream, peer, slot));
-            }
-            Err(e) => {
-                let delay = backoff.failed(&e);
-                drop(slot);
-                tokio::select! {
-                    () = shutdown.cancelled() => break 'serving,
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
+    let mut connections = limits::accept_loop(&listener, cap, &shutdown, |stream, peer, slot| {
+        serve_connection(server.clone(), stream, peer, slot)
+    })
+    .await;
     drop(listener);
     tracing::info!(
         open = connections.len(),
