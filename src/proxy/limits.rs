@@ -8,9 +8,11 @@ use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -128,45 +130,78 @@ impl AcceptBackoff {
 /// The requests of one client connection still in flight (from the request head until the
 /// response body is dropped), so that a connection can be closed after `proxy.idle_timeout`
 /// with nothing in flight.
+///
+/// Two atomics, no notification: a request costs two counter updates and a clock read. The
+/// idle wait re-checks at the deadline instead of being told of every change (a `watch` here
+/// woke the connection task twice per request and re-armed a timer each time, which showed in
+/// the forward path's profile, docs/performance.md).
 #[derive(Clone)]
-pub struct Activity(watch::Sender<usize>);
+pub struct Activity(Arc<ActivityState>);
+
+struct ActivityState {
+    /// Requests begun and not yet ended.
+    in_flight: AtomicUsize,
+    /// When a request last began or ended, in nanoseconds since `since`.
+    last: AtomicU64,
+    since: Instant,
+}
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity(watch::Sender::new(0))
+        Activity(Arc::new(ActivityState {
+            in_flight: AtomicUsize::new(0),
+            last: AtomicU64::new(0),
+            since: Instant::now(),
+        }))
+    }
+}
+
+impl ActivityState {
+    fn touch(&self) {
+        let nanos = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(nanos, Ordering::Relaxed);
     }
 }
 
 impl Activity {
     /// Marks a request in flight until the returned guard is dropped.
     pub fn begin(&self) -> InFlight {
-        self.0.send_modify(|n| *n += 1);
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.0.touch();
         InFlight(self.0.clone())
     }
 
     /// Resolves once nothing has been in flight for `idle`. Cancel safe.
+    ///
+    /// A request that begins just as this resolves is not cut off: the caller closes
+    /// gracefully, which lets the exchange under way finish.
     pub async fn idle_for(&self, idle: Duration) {
-        let mut seen = self.0.subscribe();
         loop {
-            if seen.wait_for(|n| *n == 0).await.is_err() {
+            let now = Instant::now();
+            // Busy: look again one whole period later (a request still in flight then keeps
+            // the connection for another period; one that ended meanwhile moves the deadline).
+            let deadline = if self.0.in_flight.load(Ordering::Acquire) > 0 {
+                now + idle
+            } else {
+                self.0.since + Duration::from_nanos(self.0.last.load(Ordering::Relaxed)) + idle
+            };
+            if deadline <= now {
                 return;
             }
-            // Any change (a request began, even one that already ended) restarts the wait.
-            match tokio::time::timeout(idle, seen.changed()).await {
-                Err(_) => return,
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-            }
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
 
 /// One request in flight; see [`Activity`].
-pub struct InFlight(watch::Sender<usize>);
+pub struct InFlight(Arc<ActivityState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        // The end is stamped before the count drops, so a wait that sees nothing in flight
+        // also sees when the last request ended.
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -221,7 +256,7 @@ where
     F: FnMut(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let slots = std::sync::Arc::new(Semaphore::new(cap));
+    let slots = Arc::new(Semaphore::new(cap));
     let mut connections = JoinSet::new();
     let mut backoff = AcceptBackoff::default();
     'serving: loop {
@@ -276,6 +311,18 @@ mod tests {
         assert_eq!(backoff.failed(&emfile), FIRST_DELAY);
         let reset = io::Error::from(io::ErrorKind::ConnectionAborted);
         assert_eq!(backoff.failed(&reset), Duration::ZERO);
+    }
+
+    /// The idle period runs from the end of the last request, not from when the wait began
+    /// (the wait is no longer told of each request; it reads when the last one ended).
+    #[tokio::test(start_paused = true)]
+    async fn idle_is_counted_from_the_end_of_the_last_request() {
+        let activity = Activity::default();
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        drop(activity.begin());
+        activity.idle_for(Duration::from_millis(20)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(35));
     }
 
     #[tokio::test]
