@@ -13,7 +13,6 @@
 //! Framing (`Content-Length` or chunked) is re-derived by hyper from each body's size hint, which
 //! [`Relay`] passes through, so a sized body stays sized and a chunked one stays chunked.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,7 +37,7 @@ pub async fn forward(
     state: &ProxyState,
     shutdown: &CancellationToken,
     tunnels: &TaskTracker,
-    peer: SocketAddr,
+    forwarded_for: &HeaderValue,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -90,7 +89,7 @@ pub async fn forward(
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
     if state.config().proxy.forwarded_headers {
-        headers::add_forwarded(&mut parts.headers, peer.ip());
+        headers::add_forwarded(&mut parts.headers, forwarded_for);
     }
     if intercept.is_some() {
         parts.headers.remove(header::ACCEPT_ENCODING);

@@ -264,13 +264,14 @@ async fn serve_connection(
     let proxy = &server.state.config().proxy;
     let (header_read_timeout, idle_timeout) = (proxy.header_read_timeout.0, proxy.idle_timeout.0);
     let activity = limits::Activity::default();
+    let forwarded_for = headers::forwarded_for(peer.ip());
     let service = {
         let (server, activity) = (server.clone(), activity.clone());
         service_fn(move |req: Request<Incoming>| {
-            let server = server.clone();
+            let (server, forwarded_for) = (server.clone(), forwarded_for.clone());
             let in_flight = activity.begin();
             async move {
-                let response = handle(&server, peer, req).await;
+                let response = handle(&server, peer, &forwarded_for, req).await;
                 // Tracked as it is, not boxed once more: hyper takes any body type.
                 Ok::<_, Infallible>(response.map(|body| limits::Tracked::new(body, in_flight)))
             }
@@ -310,7 +311,12 @@ async fn serve_connection(
     }
 }
 
-async fn handle(server: &Server, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    server: &Server,
+    peer: SocketAddr,
+    forwarded_for: &http::HeaderValue,
+    req: Request<Incoming>,
+) -> Response<Body> {
     // RFC 9112 §3.2: a server MUST answer 400 to a request with more than one Host field line
     // (which name would the runtime use?).
     if req
@@ -331,6 +337,13 @@ async fn handle(server: &Server, peer: SocketAddr, req: Request<Incoming>) -> Re
     if path == ADMIN_PREFIX || path.starts_with("/_taskgate/") {
         admin::handle(&server.state, &server.shutdown, peer, req).await
     } else {
-        forward::forward(&server.state, &server.shutdown, &server.tunnels, peer, req).await
+        forward::forward(
+            &server.state,
+            &server.shutdown,
+            &server.tunnels,
+            forwarded_for,
+            req,
+        )
+        .await
     }
 }
