@@ -158,7 +158,12 @@ pub async fn forward(
     let (parts, body) = match (state.gate(), intercept) {
         (Some(gate), Some(intercept)) => {
             let response = Response::from_parts(parts, Body::new(body));
-            let (parts, body) = gate.filter(intercept, response).await.into_parts();
+            // Boxed: the gate's future is most of the forward future's size, and every
+            // forward (and every open event stream's connection task) would otherwise carry
+            // it, where only intercepted requests run it.
+            let (parts, body) = Box::pin(gate.filter(intercept, response))
+                .await
+                .into_parts();
             let body = relay(state, shutdown, &parts.headers, body);
             (parts, body)
         }
