@@ -24,6 +24,7 @@ const OTHER: &str = "ses_otherotherotherotherother1";
 /// taskgate in front of the scripted runtime, and a `/global/event` subscriber through it.
 struct Setup {
     up: Upstream,
+    proxy: String,
     events: mpsc::UnboundedReceiver<Value>,
     shutdown: CancellationToken,
 }
@@ -41,6 +42,17 @@ async fn setup(data: Data) -> Setup {
 async fn setup_with(data: Data, tune: impl FnOnce(&mut Config)) -> Setup {
     let up = Upstream::start(data, None).await;
     let (proxy, shutdown) = up.behind_taskgate(tune).await;
+    let events = subscribe(&proxy).await;
+    Setup {
+        up,
+        proxy,
+        events,
+        shutdown,
+    }
+}
+
+/// A `/global/event` subscriber through taskgate, once the runtime's greeting came through.
+async fn subscribe(proxy: &str) -> mpsc::UnboundedReceiver<Value> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let response = client
         .get(format!("{proxy}/global/event").parse().unwrap())
@@ -64,11 +76,7 @@ async fn setup_with(data: Data, tune: impl FnOnce(&mut Config)) -> Setup {
     // The stream is open end to end once the runtime's greeting came through.
     let first = next(&mut events).await;
     assert_eq!(first["type"], "server.connected");
-    Setup {
-        up,
-        events,
-        shutdown,
-    }
+    events
 }
 
 async fn next(events: &mut mpsc::UnboundedReceiver<Value>) -> Value {
@@ -203,5 +211,63 @@ async fn max_hold_on_an_event_stream_sends_an_error_before_the_idle() {
     assert_eq!(
         describe(&next(&mut s.events).await),
         format!("session.idle {PARENT}")
+    );
+}
+
+/// Reads grow with the trees waited on, not with the claims: idles held on many streams on one
+/// tree are released together from the tree's own reads (one shared wait per tree), not from
+/// a read (or a closing re-read) per stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idles_held_on_many_streams_share_the_trees_reads() {
+    const STREAMS: usize = 20;
+    let mut s = setup(Data::child_busy()).await;
+    let mut streams = vec![std::mem::replace(
+        &mut s.events,
+        mpsc::unbounded_channel().1,
+    )];
+    for _ in 1..STREAMS {
+        streams.push(subscribe(&s.proxy).await);
+    }
+    s.up.double.emit(status(PARENT, "idle"));
+    s.up.double.emit(idle(PARENT));
+    let holds = || async {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let body = client
+            .get(format!("{}/_taskgate/holds", s.proxy).parse().unwrap())
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["holds"].as_array().map_or(0, Vec::len)
+    };
+    let until = tokio::time::Instant::now() + PATIENCE;
+    while holds().await < 2 * STREAMS {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "every stream holds both idles"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = s.up.double.reads();
+    s.up.double.set(Data::all_done());
+    s.up.double.emit(status(CHILD, "idle"));
+    for events in &mut streams {
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            seen.push(describe(&next(events).await));
+        }
+        assert_eq!(seen[2], format!("session.idle {PARENT}"));
+    }
+    let reads = s.up.double.reads() - before;
+    // The event's re-read, the closing re-read, and a few for the events of the release
+    // itself; one per stream would be at least 20.
+    assert!(
+        reads < STREAMS / 2,
+        "{reads} tree reads to release {} idles held on {STREAMS} streams",
+        2 * STREAMS
     );
 }

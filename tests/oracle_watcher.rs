@@ -244,6 +244,67 @@ async fn a_background_tree_must_still_be_terminal_when_the_settle_window_ends() 
     shutdown.cancel();
 }
 
+/// The bug this pins: every waiter on a tree ran the settle window and its closing re-read
+/// itself, queued on the tree's slot; an event that arrived during the closing read made the
+/// next waiter read again, and the next, so with 50 event streams holding claims on one tree
+/// the last claim was released seconds after the first. Now one shared wait per tree makes the
+/// closing read, and its outcome reaches every waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_waiter_on_a_tree_is_released_from_one_closing_read() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let oracle = Oracle::new(&config(&up.url, "1h", "200ms"));
+    let shutdown = CancellationToken::new();
+    oracle.start(shutdown.clone());
+    eventually("the watcher's connect", PATIENCE, || {
+        oracle.watch_state().seq() >= 1
+    })
+    .await;
+    let connect_reads = up.double.reads();
+    let waiters: Vec<_> = (0..50)
+        .map(|_| {
+            let oracle = oracle.clone();
+            tokio::spawn(async move { oracle.wait_terminal(&root(), None).await })
+        })
+        .collect();
+    eventually("the first read", PATIENCE, || {
+        up.double.reads() == connect_reads + 1
+    })
+    .await;
+    // The closing read is held at the runtime until an event for the tree has been taken in:
+    // the event lands while that read is in flight.
+    let (open, gate) = tokio::sync::watch::channel(false);
+    *up.double.status_gate.lock().unwrap() = Some(gate);
+    eventually("the closing read", PATIENCE, || {
+        up.double.reads() == connect_reads + 2
+    })
+    .await;
+    let seq = oracle.watch_state().seq();
+    up.double.emit(
+        json!({"type": "session.updated", "properties": {"sessionID": CHILD,
+        "info": {"id": CHILD, "parentID": PARENT}}}),
+    );
+    eventually("the event taken in", PATIENCE, || {
+        oracle.watch_state().seq() > seq
+    })
+    .await;
+    *up.double.status_gate.lock().unwrap() = None;
+    open.send_replace(true);
+    for waiter in waiters {
+        let d = tokio::time::timeout(PATIENCE, waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.verdict.name(), "completed");
+    }
+    assert_eq!(
+        up.double.reads(),
+        connect_reads + 2,
+        "the first read and one closing read, however many wait"
+    );
+    shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_prompt_gets_no_settle_window() {
     let mut data = Data::all_done();

@@ -148,6 +148,8 @@ struct Inner {
     /// unmatched, and how long the runtime may stay unreadable, before a wait ends.
     rest_bound: Duration,
     state: Arc<WatchState>,
+    /// One shared wait per tree waited on (see [`Oracle::wait_terminal_seeing`]).
+    waits: std::sync::Mutex<HashMap<SessionRef, tokio::sync::watch::Sender<TreeWait>>>,
     /// One slot per root: its lock makes concurrent readers share one upstream read.
     trees: std::sync::Mutex<HashMap<SessionRef, Arc<tokio::sync::Mutex<Option<Reading>>>>>,
     shutdown: CancellationToken,
@@ -186,6 +188,26 @@ struct Reading {
     terminal_since: Option<Instant>,
 }
 
+/// What a shared wait on one tree has found so far, as its subscribers see it.
+#[derive(Clone, Default)]
+struct TreeWait {
+    /// The latest decision read (published only when it changed).
+    latest: Option<Decision>,
+    /// The end: terminal, or the runtime cannot be read (the last decision, verdict unknown).
+    outcome: Option<Result<Decision, Decision>>,
+}
+
+/// Removes `tx`'s entry for `session`, unless a newer wait has taken its place.
+fn forget_wait(
+    waits: &mut HashMap<SessionRef, tokio::sync::watch::Sender<TreeWait>>,
+    session: &SessionRef,
+    tx: &tokio::sync::watch::Sender<TreeWait>,
+) {
+    if waits.get(session).is_some_and(|w| w.same_channel(tx)) {
+        waits.remove(session);
+    }
+}
+
 /// How fresh a shared read must be for a caller to reuse it.
 #[derive(Clone, Copy)]
 enum Fresh {
@@ -213,6 +235,7 @@ impl Oracle {
                 settle_window: config.gate.settle_window.0,
                 rest_bound: config.gate.rest_bound.0,
                 state: Arc::new(WatchState::default()),
+                waits: std::sync::Mutex::new(HashMap::new()),
                 trees: std::sync::Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
                 started: std::sync::atomic::AtomicBool::new(false),
@@ -283,23 +306,111 @@ impl Oracle {
         self.wait_terminal_seeing(session, deadline, |_| {}).await
     }
 
-    /// [`Oracle::wait_terminal`], telling `progress` every decision read on the way (what a
-    /// hold row shows while it waits).
+    /// [`Oracle::wait_terminal`], telling `progress` every decision read on the way that
+    /// differs from the one before (what a hold row shows while it waits).
+    ///
+    /// Every caller waiting on one tree subscribes to the same shared wait ([`TreeWait`]): one
+    /// loop reads the tree, waits out the settle window and makes the closing re-read, and its
+    /// outcome reaches every subscriber at once. Before, each caller ran that loop itself, and
+    /// the 50 waits of 50 event streams on one tree queued one after another on the tree's
+    /// slot: the last claim was released seconds after the first.
     pub async fn wait_terminal_seeing(
         &self,
         session: &SessionRef,
         deadline: Option<Instant>,
         progress: impl Fn(&Decision),
     ) -> Result<Decision, OracleError> {
-        let mut changes = self.inner.state.subscribe();
+        let mut shared = self.subscribe_wait(session);
         let mut last: Option<Decision> = None;
-        let past_deadline = |last: Option<Decision>, reading: Option<&Reading>| {
-            let decision = reading
-                .map(|r| r.decision.clone())
-                .or(last)
-                .unwrap_or_else(|| unknown("the deadline passed before the first read"));
-            OracleError::Deadline(Box::new(decision))
+        loop {
+            let state = shared.borrow_and_update().clone();
+            if let Some(decision) = state.latest {
+                progress(&decision);
+                last = Some(decision);
+            }
+            match state.outcome {
+                Some(Ok(decision)) => return Ok(decision),
+                Some(Err(decision)) => return Err(OracleError::Unverifiable(Box::new(decision))),
+                None => {}
+            }
+            tokio::select! {
+                changed = shared.changed() => {
+                    // The shared wait ends without an outcome only when the oracle shuts down.
+                    if changed.is_err() {
+                        return Err(OracleError::Cancelled);
+                    }
+                }
+                _ = sleep_until_opt(deadline) => {
+                    let decision = last
+                        .unwrap_or_else(|| unknown("the deadline passed before the first read"));
+                    return Err(OracleError::Deadline(Box::new(decision)));
+                }
+                _ = self.inner.shutdown.cancelled() => return Err(OracleError::Cancelled),
+            }
+        }
+    }
+
+    /// The shared wait on `session`'s tree, started if nobody waits on it yet.
+    fn subscribe_wait(&self, session: &SessionRef) -> tokio::sync::watch::Receiver<TreeWait> {
+        let mut waits = self.inner.waits.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(wait) = waits.get(session) {
+            return wait.subscribe();
+        }
+        let (tx, rx) = tokio::sync::watch::channel(TreeWait::default());
+        waits.insert(session.clone(), tx.clone());
+        drop(waits);
+        tokio::spawn(self.clone().run_wait(session.clone(), tx));
+        rx
+    }
+
+    /// Runs the shared wait on one tree until its outcome, shutdown, or until nobody waits on
+    /// it any more. The outcome is published and the wait forgotten under one lock, so a
+    /// caller arriving later starts a new wait rather than taking an old outcome.
+    async fn run_wait(self, session: SessionRef, tx: tokio::sync::watch::Sender<TreeWait>) {
+        let publish = |decision: &Decision| {
+            tx.send_if_modified(|state| {
+                if state.latest.as_ref() == Some(decision) {
+                    return false;
+                }
+                state.latest = Some(decision.clone());
+                true
+            });
         };
+        loop {
+            let outcome = tokio::select! {
+                outcome = self.settle(&session, &publish) => outcome,
+                () = tx.closed() => {
+                    let mut waits = self.inner.waits.lock().unwrap_or_else(|p| p.into_inner());
+                    // A caller may have subscribed between `closed` and this lock.
+                    if tx.receiver_count() == 0 {
+                        forget_wait(&mut waits, &session, &tx);
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut waits = self.inner.waits.lock().unwrap_or_else(|p| p.into_inner());
+            forget_wait(&mut waits, &session, &tx);
+            match outcome {
+                Ok(decision) => tx.send_modify(|s| s.outcome = Some(Ok(decision))),
+                Err(OracleError::Unverifiable(decision)) => {
+                    tx.send_modify(|s| s.outcome = Some(Err(*decision)));
+                }
+                // Shutdown: dropping the sender ends every subscriber's wait as cancelled.
+                Err(_) => {}
+            }
+            return;
+        }
+    }
+
+    /// The loop of one shared wait: reads until the tree is terminal, holding trees with
+    /// background work for the settle window and re-reading them after it (clause 6).
+    async fn settle(
+        &self,
+        session: &SessionRef,
+        progress: &impl Fn(&Decision),
+    ) -> Result<Decision, OracleError> {
+        let mut changes = self.inner.state.subscribe();
         // When the tree was first seen terminal in the current unbroken run of terminal reads.
         let mut settling: Option<Instant> = None;
         // When the runtime first failed to answer in the current unbroken run of failed reads.
@@ -307,7 +418,6 @@ impl Oracle {
         loop {
             let reading = tokio::select! {
                 r = self.read(session, Fresh::MaxAge(self.inner.poll_interval)) => r,
-                _ = sleep_until_opt(deadline) => return Err(past_deadline(last, None)),
                 _ = self.inner.shutdown.cancelled() => return Err(OracleError::Cancelled),
             };
             progress(&reading.decision);
@@ -334,37 +444,30 @@ impl Oracle {
                 let since = reading.terminal_since.unwrap_or(reading.started);
                 let settle_end = *settling.get_or_insert(since + self.inner.settle_window);
                 match self
-                    .wait_change(&reading, settle_end, deadline, &mut changes)
+                    .wait_change(&reading, settle_end, None, &mut changes)
                     .await
                 {
                     Wake::Changed => continue,
                     Wake::Elapsed => {}
-                    Wake::Deadline => return Err(past_deadline(last, Some(&reading))),
-                    Wake::Cancelled => return Err(OracleError::Cancelled),
+                    Wake::Deadline | Wake::Cancelled => return Err(OracleError::Cancelled),
                 }
                 let again = tokio::select! {
                     r = self.read(session, Fresh::StartedAfter(settle_end)) => r,
-                    _ = sleep_until_opt(deadline) => return Err(past_deadline(last, Some(&reading))),
                     _ = self.inner.shutdown.cancelled() => return Err(OracleError::Cancelled),
                 };
+                progress(&again.decision);
                 if again.decision.verdict.is_terminal() {
                     return Ok(again.decision);
                 }
                 settling = None;
-                last = Some(again.decision);
                 continue;
             }
             settling = None;
             let until = Instant::now() + self.inner.poll_interval;
-            match self
-                .wait_change(&reading, until, deadline, &mut changes)
-                .await
-            {
+            match self.wait_change(&reading, until, None, &mut changes).await {
                 Wake::Changed | Wake::Elapsed => {}
-                Wake::Deadline => return Err(past_deadline(None, Some(&reading))),
-                Wake::Cancelled => return Err(OracleError::Cancelled),
+                Wake::Deadline | Wake::Cancelled => return Err(OracleError::Cancelled),
             }
-            last = Some(reading.decision);
         }
     }
 

@@ -93,6 +93,8 @@ pub struct Double {
     pub event_connects: AtomicUsize,
     pub status_outage: AtomicBool,
     pub password: Option<String>,
+    /// While set, a status read is answered only once the test opens this gate (`true`).
+    pub status_gate: Mutex<Option<watch::Receiver<bool>>>,
     events: broadcast::Sender<String>,
     drops: watch::Sender<u64>,
 }
@@ -145,6 +147,7 @@ impl Upstream {
             event_connects: AtomicUsize::new(0),
             status_outage: AtomicBool::new(false),
             password: password.map(str::to_owned),
+            status_gate: Mutex::new(None),
             events: broadcast::channel(1024).0,
             drops: watch::channel(0).0,
         });
@@ -258,6 +261,10 @@ async fn statuses(State(d): State<Arc<Double>>, headers: HeaderMap) -> Reply {
         return r;
     }
     d.status_reads.fetch_add(1, Ordering::SeqCst);
+    let gate = d.status_gate.lock().unwrap().clone();
+    if let Some(mut gate) = gate {
+        let _ = gate.wait_for(|open| *open).await;
+    }
     if d.status_outage.load(Ordering::SeqCst) {
         return json_reply(
             StatusCode::INTERNAL_SERVER_ERROR,
