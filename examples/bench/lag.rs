@@ -58,9 +58,16 @@ struct Sample {
 pub async fn run(taskgate: &Path, rounds: usize) -> Result<String, Error> {
     let version = runtime::runtime_version();
     eprintln!("lag: finding or installing opencode-ai@{version}");
-    let bin = tokio::task::spawn_blocking(move || runtime::install(&version))
-        .await?
-        .map_err(|e| format!("the real runtime is needed for the lag part: {e}"))?;
+    // Without npm (or a runtime binary) this part is reported as not measured, so the parts
+    // measured before it still print.
+    let bin = match tokio::task::spawn_blocking(move || runtime::install(&version)).await? {
+        Ok(bin) => bin,
+        Err(e) => {
+            return Ok(format!(
+                "Release lag through the real runtime: not measured: {e}"
+            ))
+        }
+    };
     let provider = ScriptedProvider::start().await;
     let rt = Runtime::start(&bin, &provider.base_url(), RuntimeOptions::default()).await;
     let upstream: SocketAddr = rt
@@ -214,26 +221,34 @@ fn table(version: &str, rounds: usize, samples: &[[Vec<Sample>; 2]]) -> String {
     let mut out = format!(
         "Release lag through the real runtime (opencode-ai@{version}, scripted model), medians of \
          {rounds} rounds; lag = run's exit − the tree's last busy moment (from the runtime's own \
-         /event), negative = exited while the tree still worked\n\n\
-         | tree | wall direct (ms) | wall taskgate (ms) | added wall (ms) | lag direct (ms) | lag taskgate (ms) | taskgate lags per round (ms) | held by taskgate (ms) | target |\n\
-         |---|---:|---:|---:|---:|---:|---|---:|---|\n"
+         /event), negative = exited while the tree still worked; added = median of the rounds' taskgate − \
+         direct\n\n\
+         | tree | wall direct (ms) | wall taskgate (ms) | added wall (ms) | lag direct (ms) | lag taskgate (ms) | added lag (ms) | taskgate lags per round (ms) | held by taskgate (ms) | target |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|---:|---|\n"
     );
     for ((name, _, _), [direct, through]) in SCENARIOS.iter().zip(samples) {
         // The added figure is the median of each round's difference, so a slow round for both
         // cancels out.
-        let added = median(
-            through
-                .iter()
-                .zip(direct)
-                .map(|(t, d)| t.wall_ms - d.wall_ms)
-                .collect(),
-        );
+        let added = |f: fn(&Sample) -> f64| {
+            median(
+                through
+                    .iter()
+                    .zip(direct)
+                    .map(|(t, d)| f(t) - f(d))
+                    .collect(),
+            )
+        };
+        let (added_wall, added_lag) = (added(|s| s.wall_ms), added(|s| s.lag_ms));
         let lag = m(through, |s| s.lag_ms);
+        // The CLI's own start-up varies by seconds between runs on a busy machine, far more
+        // than the 50 ms target, while what taskgate adds is at the end (the hold) plus
+        // microseconds per forwarded request: the plain and foreground targets are judged on
+        // the added exit lag, which the start-up does not touch.
         let target = if name.starts_with("background") {
             let bound = SETTLE_WINDOW_MS + 250.0;
             verdict(lag <= bound, &format!("lag ≤ {bound:.0} ms"))
         } else {
-            verdict(added <= 50.0, "added wall ≤ 50 ms")
+            verdict(added_lag <= 50.0, "added lag ≤ 50 ms")
         };
         let per_round: Vec<String> = through.iter().map(|s| ms(s.lag_ms)).collect();
         let held: Vec<f64> = through.iter().filter_map(|s| s.held_ms).collect();
@@ -243,12 +258,13 @@ fn table(version: &str, rounds: usize, samples: &[[Vec<Sample>; 2]]) -> String {
             ms(median(held))
         };
         out.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {held} | {target} |\n",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {held} | {target} |\n",
             ms(m(direct, |s| s.wall_ms)),
             ms(m(through, |s| s.wall_ms)),
-            ms(added),
+            ms(added_wall),
             ms(m(direct, |s| s.lag_ms)),
             ms(lag),
+            ms(added_lag),
             per_round.join(", "),
         ));
     }
