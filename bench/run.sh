@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The performance benchmark (docs/performance.md): release builds of taskgate and the benchmark,
-# then one run. Arguments go to the benchmark (--rounds N, --only json,big,sse,holds,idle).
+# then one run. Arguments go to the benchmark (--rounds N, --only json,big,sse,holds,idle,lag).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"

@@ -3,13 +3,14 @@
 //! a ratio against the direct connection of the same run.
 //!
 //! ```text
-//! bench/run.sh [--rounds N] [--only json,big,sse,holds,idle]
+//! bench/run.sh [--rounds N] [--only json,big,sse,holds,idle,lag]
 //! ```
 //!
 //! `bench upstream --listen ADDR` is the minimal upstream itself (a process of its own, so its
 //! CPU is not the load generator's).
 
 mod holds;
+mod lag;
 mod load;
 mod procs;
 mod upstream;
@@ -61,7 +62,7 @@ fn parse_args() -> Result<Args, Error> {
             "--only" => {
                 parsed.only = Some(
                     args.next()
-                        .ok_or("--only json,big,sse,holds,idle")?
+                        .ok_or("--only json,big,sse,holds,idle,lag")?
                         .split(',')
                         .map(str::to_owned)
                         .collect(),
@@ -157,12 +158,21 @@ async fn run(args: Args) -> Result<(), Error> {
     } else {
         None
     };
+    let lag = if wants("lag") {
+        Some(lag::run(&args.taskgate, rounds).await?)
+    } else {
+        None
+    };
     println!("{}", procs::load());
     println!();
     print_table(&rows, rounds);
     if let Some(holds) = holds {
         println!();
         println!("{holds}");
+    }
+    if let Some(lag) = lag {
+        println!();
+        println!("{lag}");
     }
     Ok(())
 }

@@ -73,6 +73,14 @@ impl Proc {
         self.child.id()
     }
 
+    /// taskgate's whole log so far.
+    pub fn log(&self) -> String {
+        self._dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.0.join("taskgate.log")).ok())
+            .unwrap_or_default()
+    }
+
     /// The last lines of taskgate's log.
     pub fn log_tail(&self) -> String {
         self._dir
