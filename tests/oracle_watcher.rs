@@ -454,3 +454,63 @@ async fn an_unreachable_runtime_ends_the_wait_with_an_error_after_the_unreadable
         other => panic!("an unreachable runtime must end the wait as unverifiable: {other:?}"),
     }
 }
+
+fn session(id: &str) -> SessionRef {
+    SessionRef {
+        id: id.to_owned(),
+        directory: None,
+    }
+}
+
+/// Every tree read needs the whole status map; the trees read within one poll interval share
+/// one fetch of it instead of asking the runtime once per tree (issue 18, holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trees_read_within_one_interval_share_one_status_map() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    // No watcher and a poll interval longer than the test: nothing makes the map stale.
+    let oracle = Oracle::new(&config(&up.url, "1h", "20ms"));
+    assert_eq!(oracle.decide(&root()).await.verdict.name(), "completed");
+    assert_eq!(
+        oracle.decide(&session(CHILD)).await.verdict.name(),
+        "completed"
+    );
+    assert_eq!(up.double.reads(), 1, "two trees, one status map read");
+}
+
+/// The shared status map must never show idle a session that an event showed busy after the
+/// map was read: a tree read after such an event reads the map afresh, also when the session
+/// is one the read only finds in the tree (issue 18, holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_event_after_the_shared_status_map_was_read_forces_a_fresh_one() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let oracle = Oracle::new(&config(&up.url, "1h", "20ms"));
+    let shutdown = CancellationToken::new();
+    oracle.start(shutdown.clone());
+    eventually("the first connect", PATIENCE, || up.double.connects() == 1).await;
+    eventually("the watcher's status read", PATIENCE, || {
+        up.double.reads() >= 1
+    })
+    .await;
+    assert_eq!(oracle.decide(&root()).await.verdict.name(), "completed");
+    let before = up.double.reads();
+
+    // The child works again: only the status map says so (its history is the finished one).
+    let mut busy = Data::all_done();
+    busy.statuses = Data::child_busy().statuses;
+    up.double.set(busy);
+    let seq = oracle.watch_state().seq();
+    up.double
+        .emit(json!({"id": "evt_1", "type": "session.status",
+        "properties": {"sessionID": CHILD, "status": {"type": "busy"}}}));
+    eventually("the watcher took the event", PATIENCE, || {
+        oracle.watch_state().seq() > seq
+    })
+    .await;
+
+    let parent = oracle.decide(&root()).await;
+    assert_eq!(parent.verdict.name(), "running", "{parent:?}");
+    let child = oracle.decide(&session(CHILD)).await;
+    assert_eq!(child.verdict.name(), "running", "{child:?}");
+    assert!(up.double.reads() > before, "the map was read again");
+    shutdown.cancel();
+}

@@ -47,6 +47,12 @@ struct Round {
     reads_per_s: f64,
     lag_ms: f64,
     first_ms: f64,
+    /// The runtime's last child idle, after the last abort was answered.
+    runtime_last_ms: f64,
+    /// The longest a tree's held idles waited after the runtime sent its child's idle.
+    tree_lag_ms: f64,
+    /// The same for the median tree.
+    tree_lag_median_ms: f64,
     /// Holds started by kind, as taskgate counts them.
     kinds: String,
     /// Requests by route while the claims were held.
@@ -78,13 +84,19 @@ pub async fn run(taskgate: &Path, rounds: usize) -> Result<String, Error> {
         .collect();
     let tree_reads = results
         .iter()
-        .map(|r| r.steady_reads.get("/session/status").copied().unwrap_or(0) as f64)
+        .map(|r| {
+            r.steady_reads
+                .get("/session/:id/message")
+                .copied()
+                .unwrap_or(0) as f64
+        })
         .map(|n| n / STEADY.as_secs_f64())
         .collect();
     let tree_reads = median(tree_reads);
     // Every root and every child is waited on (held idles of the roots, held claim parts
-    // naming the children): 2 × ROOTS sessions, each its own tree.
-    let sessions = 2 * ROOTS;
+    // naming the children): 2 × ROOTS trees, a root's holding its child too. A tree read
+    // reads each session's history once: 3 × ROOTS session reads per round of tree reads.
+    let sessions = 3 * ROOTS;
     let reads_bound = sessions as f64 / POLL_INTERVAL_S;
     Ok(format!(
         "holds against `taskgate sim` ({ROOTS} roots, each with one busy background child; \
@@ -93,18 +105,36 @@ pub async fn run(taskgate: &Path, rounds: usize) -> Result<String, Error> {
          | claims held at once | {held:.0} | {HOLDS} |\n\
          | peak RSS | {rss:.1} MiB | ≤ 100 MB |\n\
          | runtime requests/s while held | {reads:.0} | |\n\
-         | tree reads/s while held (one status map read each) | {tree_reads:.0} | ≤ {reads_bound:.0} ({sessions} sessions ÷ {POLL_INTERVAL_S} s) |\n\
+         | session reads/s while held (one history read per session of a tree read) | {tree_reads:.0} | ≤ {reads_bound:.0} ({sessions} sessions in the trees ÷ {POLL_INTERVAL_S} s) |\n\
          | first release after the trees turn terminal | {:.0} ms (rounds: {}) | |\n\
-         | last release after the trees turn terminal | {lag:.0} ms (rounds: {}) | ≤ {:.0} ms (settle window + 100 ms) |",
+         | last release after the trees turn terminal | {lag:.0} ms (rounds: {}) | ≤ {:.0} ms (settle window + 100 ms) |\n\
+         | the runtime's last child idle after the last abort answered | {:.0} ms (rounds: {}) | |\n\
+         | longest wait of a tree's releases after the runtime sent its child's idle | {:.0} ms (rounds: {}) | ≤ {:.0} ms |\n\
+         | the same for the median tree | {:.0} ms (rounds: {}) | |",
         median(results.iter().map(|r| r.first_ms).collect()),
         firsts.join(", "),
         lags.join(", "),
         SETTLE_WINDOW_MS + 100.0,
+        median(results.iter().map(|r| r.runtime_last_ms).collect()),
+        rounds_of(&results, |r| r.runtime_last_ms),
+        median(results.iter().map(|r| r.tree_lag_ms).collect()),
+        rounds_of(&results, |r| r.tree_lag_ms),
+        SETTLE_WINDOW_MS + 100.0,
+        median(results.iter().map(|r| r.tree_lag_median_ms).collect()),
+        rounds_of(&results, |r| r.tree_lag_median_ms),
     ) + &format!(
         "\n\nrequests by route while held (round 1): {}\nholds by kind (round 1): {}",
         steady.join(", "),
         results[0].kinds
     ))
+}
+
+fn rounds_of(results: &[Round], f: fn(&Round) -> f64) -> String {
+    results
+        .iter()
+        .map(|r| format!("{:.0}", f(r)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 type Http = Client<HttpConnector, Full<Bytes>>;
@@ -141,10 +171,12 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
     let gate_url = format!("http://{}", gate.addr);
 
     // Every stream records when each session's `session.idle` reached it.
-    let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); STREAMS]));
+    // The last entry is one stream straight from the sim: when each root really went idle.
+    let arrivals: Arrivals = Arc::new(Mutex::new(vec![Vec::new(); STREAMS + 1]));
     let mut readers = Vec::new();
-    for i in 0..STREAMS {
-        let mut stream = EventStream::open(&gate_url).await?;
+    for i in 0..=STREAMS {
+        let url = if i == STREAMS { &sim_url } else { &gate_url };
+        let mut stream = EventStream::open(url).await?;
         let arrivals = arrivals.clone();
         readers.push(tokio::spawn(async move {
             while let Ok(Some(event)) = stream.next().await {
@@ -217,12 +249,14 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
     let terminal = Instant::now();
 
     // Wait until every stream has every root's idle, released.
+    let roots_list = roots.clone();
     let roots: HashSet<String> = roots.into_iter().collect();
     let deadline = terminal + Duration::from_secs(60);
     let (first, last) = loop {
         let done = {
             let a = arrivals.lock().unwrap_or_else(|e| e.into_inner());
-            a.iter()
+            a[..STREAMS]
+                .iter()
                 .map(|stream| {
                     let seen: HashSet<&String> = stream
                         .iter()
@@ -242,7 +276,8 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
         if let Some(lasts) = done {
             let first = {
                 let a = arrivals.lock().unwrap_or_else(|e| e.into_inner());
-                a.iter()
+                a[..STREAMS]
+                    .iter()
                     .flatten()
                     .filter(|(id, at)| *at >= terminal && roots.contains(id))
                     .map(|(_, at)| *at)
@@ -257,6 +292,39 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let peak_rss = peak_rss_mib(gate.pid());
+    // Per tree: when the runtime itself sent the child's idle (the tree turned terminal),
+    // and the last release of the root's held idles after it.
+    let (runtime_last_ms, tree_lag_ms, tree_lag_median_ms) = {
+        let a = arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        let ms = |t: Instant| {
+            if t >= terminal {
+                t.duration_since(terminal).as_secs_f64() * 1000.0
+            } else {
+                -(terminal.duration_since(t).as_secs_f64() * 1000.0)
+            }
+        };
+        let mut runtime_last = f64::MIN;
+        let mut lags = Vec::new();
+        for (root, child) in roots_list.iter().zip(&children) {
+            let idle = a[STREAMS]
+                .iter()
+                .filter(|(id, _)| id == child)
+                .map(|(_, at)| *at)
+                .max();
+            let released = a[..STREAMS]
+                .iter()
+                .flatten()
+                .filter(|(id, at)| id == root && *at >= terminal)
+                .map(|(_, at)| *at)
+                .max();
+            if let (Some(idle), Some(released)) = (idle, released) {
+                runtime_last = runtime_last.max(ms(idle));
+                lags.push(ms(released) - ms(idle));
+            }
+        }
+        let longest = lags.iter().copied().fold(0.0, f64::max);
+        (runtime_last, longest, median(lags))
+    };
     for reader in readers {
         reader.abort();
     }
@@ -267,6 +335,9 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
         lag_ms: last.duration_since(terminal).as_secs_f64() * 1000.0,
         kinds,
         first_ms: first.duration_since(terminal).as_secs_f64() * 1000.0,
+        runtime_last_ms,
+        tree_lag_ms,
+        tree_lag_median_ms,
         steady_reads: reads_in_window,
     })
 }

@@ -150,6 +150,9 @@ struct Inner {
     state: Arc<WatchState>,
     /// One shared wait per tree waited on (see [`Oracle::wait_terminal_seeing`]).
     waits: std::sync::Mutex<HashMap<SessionRef, tokio::sync::watch::Sender<TreeWait>>>,
+    /// The status map last read and the one being read, per directory, shared by the tree
+    /// reads of one interval (see [`Oracle::status_map`]).
+    statuses: std::sync::Mutex<HashMap<Option<String>, StatusReads>>,
     /// One slot per root: its lock makes concurrent readers share one upstream read.
     trees: std::sync::Mutex<HashMap<SessionRef, Arc<tokio::sync::Mutex<Option<Reading>>>>>,
     shutdown: CancellationToken,
@@ -186,6 +189,28 @@ struct Reading {
     /// poll intervals): where the settle window starts, the same for every waiter of the tree,
     /// so their closing re-reads coalesce into one instead of one per waiter.
     terminal_since: Option<Instant>,
+}
+
+/// One read of the runtime's status map, shared by the tree reads that may reuse it.
+#[derive(Clone)]
+struct SharedStatuses {
+    started: Instant,
+    /// The watcher's sequence number when the read started: an event for a session since then
+    /// means the map may be stale about that session.
+    seq: u64,
+    map: futures_util::future::Shared<
+        futures_util::future::BoxFuture<
+            'static,
+            Result<Arc<crate::opencode::StatusMap>, ClientError>,
+        >,
+    >,
+}
+
+/// A directory's status map reads: the last one that answered, and the latest one started.
+#[derive(Default)]
+struct StatusReads {
+    done: Option<SharedStatuses>,
+    latest: Option<SharedStatuses>,
 }
 
 /// What a shared wait on one tree has found so far, as its subscribers see it.
@@ -236,6 +261,7 @@ impl Oracle {
                 rest_bound: config.gate.rest_bound.0,
                 state: Arc::new(WatchState::default()),
                 waits: std::sync::Mutex::new(HashMap::new()),
+                statuses: std::sync::Mutex::new(HashMap::new()),
                 trees: std::sync::Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
                 started: std::sync::atomic::AtomicBool::new(false),
@@ -665,7 +691,13 @@ impl Oracle {
                     && started.saturating_duration_since(r.started) <= 2 * self.inner.poll_interval
             })
             .and_then(|r| r.terminal_since);
-        let reading = match self.read_tree(session).await {
+        // The oldest status map this read may use: the same age a shared tree read may have,
+        // and for the settle window's closing re-read, one read after the window.
+        let not_before = match fresh {
+            Fresh::MaxAge(age) => started.checked_sub(age).unwrap_or(started),
+            Fresh::StartedAfter(at) => at.max(started),
+        };
+        let reading = match self.read_tree(session, not_before).await {
             Ok(tree) => {
                 let mut decision = tree.decision;
                 // The liveness bound: a tree at rest with only clause 5 unmatched is given

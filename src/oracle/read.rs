@@ -4,16 +4,43 @@
 
 use std::collections::BTreeMap;
 
-use crate::opencode::SessionStatus;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::opencode::{SessionStatus, StatusMap};
 
 use super::client::ClientError;
 use super::rule::{self, SessionSnapshot, TreeSnapshot};
-use super::{Decision, Oracle, SessionRef, SessionSummary, Verdict, MAX_TREE};
+use super::{Decision, Oracle, SessionRef, SessionSummary, SharedStatuses, Verdict, MAX_TREE};
 
 impl Oracle {
     /// Reads the status map once, then every session of the tree (info, children, history).
     /// A root the runtime answers 404 for is [`Verdict::Gone`].
-    pub(super) async fn read_tree(&self, root: &SessionRef) -> Result<TreeRead, ClientError> {
+    pub(super) async fn read_tree(
+        &self,
+        root: &SessionRef,
+        not_before: Instant,
+    ) -> Result<TreeRead, ClientError> {
+        let mut reuse = Some(not_before);
+        loop {
+            match self.read_tree_with(root, reuse).await? {
+                Some(tree) => return Ok(tree),
+                // The tree holds a session the reused map may be stale about: read a fresh
+                // map (which is never refused).
+                None => reuse = None,
+            }
+        }
+    }
+
+    /// One tree read. With `reuse`, a status map read since that instant may be used instead of
+    /// a fresh one; `None` comes back when the tree turned out to hold a session that changed
+    /// since that map was read.
+    async fn read_tree_with(
+        &self,
+        root: &SessionRef,
+        reuse: Option<Instant>,
+    ) -> Result<Option<TreeRead>, ClientError> {
         let client = &self.inner.client;
         let directory = root.directory.clone();
         let read = |id: String| {
@@ -43,11 +70,10 @@ impl Oracle {
             at += 1;
         }
         let (statuses, mut level) = tokio::join!(
-            client.statuses(directory.as_deref()),
-            futures_util::future::join_all(first.into_iter().map(read))
+            self.status_map(directory.clone(), &first, reuse),
+            futures_util::future::join_all(first.iter().cloned().map(read))
         );
-        let statuses = statuses?;
-        self.inner.state.record_statuses(&statuses);
+        let (statuses, map_seq) = statuses?;
         let mut sessions: BTreeMap<String, SessionSnapshot> = BTreeMap::new();
         loop {
             let mut next: Vec<String> = Vec::new();
@@ -60,7 +86,7 @@ impl Oracle {
                     (Err(ClientError::NotFound { .. }), _)
                     | (_, Err(ClientError::NotFound { .. })) => {
                         if is_root {
-                            return Ok(TreeRead::gone(&root.id));
+                            return Ok(Some(TreeRead::gone(&root.id)));
                         }
                         continue;
                     }
@@ -106,12 +132,17 @@ impl Oracle {
             }
             level = futures_util::future::join_all(next.into_iter().map(read)).await;
         }
+        let ids: Vec<String> = sessions.keys().cloned().collect();
+        if let Some(seq) = map_seq {
+            if self.inner.state.changed_since(&ids, seq) {
+                return Ok(None);
+            }
+        }
         let tree = TreeSnapshot {
             root: root.id.clone(),
             sessions,
         };
         let judgement = rule::judge(&tree);
-        let ids: Vec<String> = tree.sessions.keys().cloned().collect();
         let mut summaries: Vec<SessionSummary> = tree
             .sessions
             .values()
@@ -140,7 +171,7 @@ impl Oracle {
             .collect();
         // The root first, for readers that print the list as a tree.
         summaries.sort_by_key(|s| s.id != root.id);
-        Ok(TreeRead {
+        Ok(Some(TreeRead {
             ids,
             decision: Decision {
                 verdict: judgement.verdict,
@@ -151,7 +182,85 @@ impl Oracle {
             },
             at_rest: judgement.at_rest,
             activity: judgement.activity,
-        })
+        }))
+    }
+
+    /// The runtime's status map for a read of the tree whose known sessions are `known`.
+    ///
+    /// Every tree read needs the whole map, and the map is the same for every tree: the trees
+    /// read within one poll interval share one fetch of it (one in flight, or the last one
+    /// answered). A map is reused only when its read started at or after `reuse`, is younger
+    /// than the poll interval, and no event has arrived since it started for any session in
+    /// `known`, so it can never show idle a session that an event showed busy after it (the
+    /// caller checks the sessions it finds beyond `known` the same way, against the sequence
+    /// number returned). A read that cannot reuse one starts its own at once rather than
+    /// queueing behind another; a fresh map returns no sequence number.
+    async fn status_map(
+        &self,
+        directory: Option<String>,
+        known: &[String],
+        reuse: Option<Instant>,
+    ) -> Result<(Arc<StatusMap>, Option<u64>), ClientError> {
+        let usable = |read: &SharedStatuses| {
+            reuse.is_some_and(|since| {
+                read.started >= since
+                    && read.started.elapsed() < self.inner.poll_interval
+                    && !self.inner.state.changed_since(known, read.seq)
+            })
+        };
+        let key = directory.clone();
+        let (read, shared) = {
+            let mut all = self
+                .inner
+                .statuses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let reads = all.entry(key.clone()).or_default();
+            let found = [&reads.done, &reads.latest]
+                .into_iter()
+                .flatten()
+                .find(|read| usable(read))
+                .cloned();
+            match found {
+                Some(read) => (read, true),
+                None => {
+                    let client = self.inner.client.clone();
+                    let started = Instant::now();
+                    let seq = self.inner.state.seq();
+                    let map =
+                        async move { client.statuses(directory.as_deref()).await.map(Arc::new) };
+                    let read = SharedStatuses {
+                        started,
+                        seq,
+                        map: futures_util::FutureExt::shared(
+                            Box::pin(map) as futures_util::future::BoxFuture<'static, _>
+                        ),
+                    };
+                    reads.latest = Some(read.clone());
+                    (read, false)
+                }
+            }
+        };
+        let map = read.map.clone().await?;
+        if shared {
+            return Ok((map, Some(read.seq)));
+        }
+        self.inner.state.record_statuses(&map);
+        let mut all = self
+            .inner
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let reads = all.entry(key).or_default();
+        if reads
+            .done
+            .as_ref()
+            .is_none_or(|done| done.started < read.started)
+        {
+            reads.done = Some(read);
+        }
+        drop(all);
+        Ok((map, None))
     }
 }
 
