@@ -245,7 +245,6 @@ enum Fresh {
 enum Wake {
     Changed,
     Elapsed,
-    Deadline,
     Cancelled,
 }
 
@@ -469,13 +468,10 @@ impl Oracle {
                 // chatter such as `session.updated` after an idle must not postpone it).
                 let since = reading.terminal_since.unwrap_or(reading.started);
                 let settle_end = *settling.get_or_insert(since + self.inner.settle_window);
-                match self
-                    .wait_change(&reading, settle_end, None, &mut changes)
-                    .await
-                {
+                match self.wait_change(&reading, settle_end, &mut changes).await {
                     Wake::Changed => continue,
                     Wake::Elapsed => {}
-                    Wake::Deadline | Wake::Cancelled => return Err(OracleError::Cancelled),
+                    Wake::Cancelled => return Err(OracleError::Cancelled),
                 }
                 let again = tokio::select! {
                     r = self.read(session, Fresh::StartedAfter(settle_end)) => r,
@@ -490,9 +486,9 @@ impl Oracle {
             }
             settling = None;
             let until = Instant::now() + self.inner.poll_interval;
-            match self.wait_change(&reading, until, None, &mut changes).await {
+            match self.wait_change(&reading, until, &mut changes).await {
                 Wake::Changed | Wake::Elapsed => {}
-                Wake::Deadline | Wake::Cancelled => return Err(OracleError::Cancelled),
+                Wake::Cancelled => return Err(OracleError::Cancelled),
             }
         }
     }
@@ -515,9 +511,7 @@ impl Oracle {
                         return Some((reading.decision, (oracle, session, changes, Some(verdict))));
                     }
                     let until = Instant::now() + oracle.inner.poll_interval;
-                    if let Wake::Cancelled = oracle
-                        .wait_change(&reading, until, None, &mut changes)
-                        .await
+                    if let Wake::Cancelled = oracle.wait_change(&reading, until, &mut changes).await
                     {
                         return None;
                     }
@@ -622,7 +616,6 @@ impl Oracle {
         &self,
         reading: &Reading,
         until: Instant,
-        deadline: Option<Instant>,
         changes: &mut tokio::sync::watch::Receiver<u64>,
     ) -> Wake {
         let wakers = self.inner.state.wakers(&reading.ids);
@@ -653,7 +646,6 @@ impl Oracle {
                     }
                 }
                 _ = tokio::time::sleep_until(until) => return Wake::Elapsed,
-                _ = sleep_until_opt(deadline) => return Wake::Deadline,
                 _ = self.inner.shutdown.cancelled() => return Wake::Cancelled,
             }
         }
