@@ -32,6 +32,20 @@ fn root() -> SessionRef {
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// An oracle whose watcher has connected to `up`'s event stream and made its first status read
+/// (so reads counted from here on are the test's own), with the token that stops it.
+async fn watching_oracle(up: &Upstream, poll: &str, settle: &str) -> (Oracle, CancellationToken) {
+    let oracle = Oracle::new(&config(&up.url, poll, settle));
+    let shutdown = CancellationToken::new();
+    oracle.start(shutdown.clone());
+    eventually("the first connect", PATIENCE, || up.double.connects() == 1).await;
+    eventually("the watcher's status read", PATIENCE, || {
+        up.double.reads() >= 1
+    })
+    .await;
+    (oracle, shutdown)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_child_keeps_the_tree_running_until_the_parent_answered() {
     let up = Upstream::start(Data::child_busy(), None).await;
@@ -64,14 +78,7 @@ async fn busy_child_keeps_the_tree_running_until_the_parent_answered() {
 async fn reconnects_after_the_event_stream_drops_and_events_still_wake_waiters() {
     let up = Upstream::start(Data::child_busy(), None).await;
     // A poll interval far longer than the test: only events can wake the waiter.
-    let oracle = Oracle::new(&config(&up.url, "1h", "50ms"));
-    let shutdown = CancellationToken::new();
-    oracle.start(shutdown.clone());
-    eventually("the first connect", PATIENCE, || up.double.connects() == 1).await;
-    eventually("the status re-read after connecting", PATIENCE, || {
-        up.double.reads() >= 1
-    })
-    .await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "50ms").await;
     let before = up.double.reads();
     up.double.drop_streams();
     eventually("a reconnect", PATIENCE, || up.double.connects() == 2).await;
@@ -483,14 +490,7 @@ async fn trees_read_within_one_interval_share_one_status_map() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_event_after_the_shared_status_map_was_read_forces_a_fresh_one() {
     let up = Upstream::start(Data::all_done(), None).await;
-    let oracle = Oracle::new(&config(&up.url, "1h", "20ms"));
-    let shutdown = CancellationToken::new();
-    oracle.start(shutdown.clone());
-    eventually("the first connect", PATIENCE, || up.double.connects() == 1).await;
-    eventually("the watcher's status read", PATIENCE, || {
-        up.double.reads() >= 1
-    })
-    .await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "20ms").await;
     assert_eq!(oracle.decide(&root()).await.verdict.name(), "completed");
     let before = up.double.reads();
 
