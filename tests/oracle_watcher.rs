@@ -32,15 +32,15 @@ fn root() -> SessionRef {
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
-/// An oracle whose watcher has connected to `up`'s event stream and made its first status read
-/// (so reads counted from here on are the test's own), with the token that stops it.
+/// An oracle whose watcher has connected to `up`'s event stream, re-read the statuses and marked
+/// its caches stale (so from here on only the test moves), with the token that stops it.
 async fn watching_oracle(up: &Upstream, poll: &str, settle: &str) -> (Oracle, CancellationToken) {
     let oracle = Oracle::new(&config(&up.url, poll, settle));
     let shutdown = CancellationToken::new();
     oracle.start(shutdown.clone());
     eventually("the first connect", PATIENCE, || up.double.connects() == 1).await;
     eventually("the watcher's status read", PATIENCE, || {
-        up.double.reads() >= 1
+        up.double.reads() >= 1 && oracle.watch_state().seq() >= 1
     })
     .await;
     (oracle, shutdown)
@@ -211,14 +211,7 @@ fn done_saying(text: &str) -> Data {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_background_tree_must_still_be_terminal_when_the_settle_window_ends() {
     let up = Upstream::start(done_saying("first look"), None).await;
-    let oracle = Oracle::new(&config(&up.url, "1h", "300ms"));
-    let shutdown = CancellationToken::new();
-    oracle.start(shutdown.clone());
-    // Connected, statuses re-read, caches marked stale: from here on only this test moves.
-    eventually("the watcher's connect", PATIENCE, || {
-        oracle.watch_state().seq() >= 1
-    })
-    .await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "300ms").await;
     assert_eq!(up.double.reads(), 1);
     let waiter = {
         let oracle = oracle.clone();
@@ -259,13 +252,7 @@ async fn a_background_tree_must_still_be_terminal_when_the_settle_window_ends() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_waiter_on_a_tree_is_released_from_one_closing_read() {
     let up = Upstream::start(Data::all_done(), None).await;
-    let oracle = Oracle::new(&config(&up.url, "1h", "200ms"));
-    let shutdown = CancellationToken::new();
-    oracle.start(shutdown.clone());
-    eventually("the watcher's connect", PATIENCE, || {
-        oracle.watch_state().seq() >= 1
-    })
-    .await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "200ms").await;
     let connect_reads = up.double.reads();
     let waiters: Vec<_> = (0..50)
         .map(|_| {
