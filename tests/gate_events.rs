@@ -177,6 +177,55 @@ async fn a_held_idle_is_dropped_when_the_session_works_again() {
     );
 }
 
+/// Idles held on two trees of one stream: the tree that ends first releases its own idles and
+/// nothing else; the other tree's idle stays held until that tree ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_ending_releases_only_the_frames_held_on_it() {
+    let mut s = setup(Data::child_busy()).await;
+    s.up.double.emit(idle(PARENT));
+    s.up.double.emit(idle(CHILD));
+    // The child's turn ends; the parent has not answered its result yet (clause 5).
+    let done = Data::all_done();
+    let mut child_done = Data::child_busy();
+    child_done.statuses = done.statuses.clone();
+    child_done
+        .messages
+        .insert(CHILD.to_owned(), done.messages[CHILD].clone());
+    s.up.double.set(child_done);
+    s.up.double.emit(status(CHILD, "idle"));
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.push(describe(&next(&mut s.events).await));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            format!("session.idle {CHILD}"),
+            format!("session.status {CHILD}")
+        ],
+        "the child's tree ended: its idles come out, in order"
+    );
+    s.up.double.emit(heartbeat());
+    assert_eq!(
+        describe(&next(&mut s.events).await),
+        "server.heartbeat",
+        "the parent's idle is still held: its launch is not answered"
+    );
+    s.up.double.set(done);
+    s.up.double.emit(status(PARENT, "idle"));
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.push(describe(&next(&mut s.events).await));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            format!("session.idle {PARENT}"),
+            format!("session.status {PARENT}")
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_the_gate_cannot_parse_pass_untouched() {
     let mut s = setup(Data::child_busy()).await;

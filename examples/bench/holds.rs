@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use taskgate::sim::client::EventStream;
 use tokio::net::TcpListener;
 
-use crate::procs::{peak_rss_mib, Proc};
+use crate::procs::{cpu_seconds, peak_rss_mib, Proc};
 use crate::{median, Error};
 
 const ROOTS: usize = 100;
@@ -53,6 +53,10 @@ struct Round {
     tree_lag_ms: f64,
     /// The same for the median tree.
     tree_lag_median_ms: f64,
+    /// CPU seconds taskgate, the sim and the benchmark itself (its 51 readers) used from the
+    /// aborts to the last release: on 2 cores the release is CPU-bound, so these say who
+    /// the time went to.
+    cpu: [f64; 3],
     /// Holds started by kind, as taskgate counts them.
     kinds: String,
     /// Requests by route while the claims were held.
@@ -110,7 +114,8 @@ pub async fn run(taskgate: &Path, rounds: usize) -> Result<String, Error> {
          | last release after the trees turn terminal | {lag:.0} ms (rounds: {}) | ≤ {:.0} ms (settle window + 100 ms) |\n\
          | the runtime's last child idle after the last abort answered | {:.0} ms (rounds: {}) | |\n\
          | longest wait of a tree's releases after the runtime sent its child's idle | {:.0} ms (rounds: {}) | ≤ {:.0} ms |\n\
-         | the same for the median tree | {:.0} ms (rounds: {}) | |",
+         | the same for the median tree | {:.0} ms (rounds: {}) | |\n\
+         | CPU from the aborts to the last release: taskgate, sim, benchmark | {:.2} s, {:.2} s, {:.2} s | |",
         median(results.iter().map(|r| r.first_ms).collect()),
         firsts.join(", "),
         lags.join(", "),
@@ -122,6 +127,9 @@ pub async fn run(taskgate: &Path, rounds: usize) -> Result<String, Error> {
         SETTLE_WINDOW_MS + 100.0,
         median(results.iter().map(|r| r.tree_lag_median_ms).collect()),
         rounds_of(&results, |r| r.tree_lag_median_ms),
+        m(|r| r.cpu[0]),
+        m(|r| r.cpu[1]),
+        m(|r| r.cpu[2]),
     ) + &format!(
         "\n\nrequests by route while held (round 1): {}\nholds by kind (round 1): {}",
         steady.join(", "),
@@ -235,6 +243,8 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
         .map(|(k, v)| (k.clone(), v - routes_before.get(k).copied().unwrap_or(0)))
         .collect();
 
+    let cpu = || [gate.pid(), sim.pid(), std::process::id()].map(|pid| cpu_seconds(&[pid]));
+    let cpu_before = cpu();
     let aborts = children.iter().map(|child| {
         call(
             &http,
@@ -291,6 +301,7 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let cpu_after = cpu();
     let peak_rss = peak_rss_mib(gate.pid());
     // Per tree: when the runtime itself sent the child's idle (the tree turned terminal),
     // and the last release of the root's held idles after it.
@@ -338,6 +349,7 @@ async fn one_round(taskgate: &Path) -> Result<Round, Error> {
         runtime_last_ms,
         tree_lag_ms,
         tree_lag_median_ms,
+        cpu: [0, 1, 2].map(|i| cpu_after[i] - cpu_before[i]),
         steady_reads: reads_in_window,
     })
 }
