@@ -462,10 +462,13 @@ impl StreamGate {
             };
             if let Some(at) = held.pending.iter().position(|p| *p == target) {
                 held.pending.remove(at);
-                held.guard.update(&decision);
                 held.decided.push((target.clone(), decision.clone()));
+                // A frame released now has its row closed by the release; only the frames
+                // still waiting on other targets show this decision.
                 if held.pending.is_empty() {
                     ready.push(seq);
+                } else {
+                    held.guard.update(&decision);
                 }
             }
         }
