@@ -501,3 +501,107 @@ async fn a_busy_event_after_the_shared_status_map_was_read_forces_a_fresh_one() 
     assert!(up.double.reads() > before, "the map was read again");
     shutdown.cancel();
 }
+
+/// The runtime announces a session it creates under another (`session.created` with a
+/// `parentID`), as it does for a foreground `task` child.
+async fn announce_child(up: &Upstream, oracle: &Oracle) {
+    up.double
+        .emit(json!({"id": "evt_created", "type": "session.created",
+        "properties": {"sessionID": CHILD, "info": {"id": CHILD, "parentID": PARENT}}}));
+    eventually("the watcher knows the child", PATIENCE, || {
+        oracle
+            .watch_state()
+            .session(PARENT)
+            .is_some_and(|p| p.children.contains(CHILD))
+    })
+    .await;
+}
+
+/// A released prompt waits for one tree read taken at the runtime's busiest moment, so a tree
+/// read must not walk a foreground child's tree level by level (two round trips): the child the
+/// watcher saw created is asked for while none of the root's reads is answered yet, and its
+/// info comes from the root's `/children` list rather than a request of its own (issue 18,
+/// release lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreground_tree_is_read_in_one_round_trip() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "20ms").await;
+    announce_child(&up, &oracle).await;
+
+    let (open, gate) = tokio::sync::watch::channel(false);
+    *up.double.session_gate.lock().unwrap() = Some(gate);
+    up.double.session_reads.lock().unwrap().clear();
+    let decide = tokio::spawn({
+        let oracle = oracle.clone();
+        async move { oracle.decide(&root()).await }
+    });
+    let child_history = format!("/session/{CHILD}/message");
+    eventually(
+        "the child's history asked for before any session read was answered",
+        PATIENCE,
+        || {
+            up.double
+                .session_reads
+                .lock()
+                .unwrap()
+                .contains(&child_history)
+        },
+    )
+    .await;
+    open.send(true).unwrap();
+    let decision = tokio::time::timeout(PATIENCE, decide)
+        .await
+        .expect("the read ends once its requests are answered")
+        .unwrap();
+    assert_eq!(decision.verdict.name(), "completed", "{decision:?}");
+    assert!(
+        decision.sessions.iter().any(|s| s.id == CHILD),
+        "{decision:?}"
+    );
+    let mut reads = up.double.session_reads.lock().unwrap().clone();
+    reads.sort();
+    let mut expected = vec![
+        format!("/session/{PARENT}"),
+        format!("/session/{PARENT}/children"),
+        format!("/session/{PARENT}/message"),
+        format!("/session/{CHILD}/children"),
+        child_history,
+    ];
+    expected.sort();
+    assert_eq!(
+        reads, expected,
+        "one request per route and session, no info of the child"
+    );
+    shutdown.cancel();
+}
+
+/// A child the watcher knows but no `/children` list names (only a task part does) is still
+/// read, with its own info, in a further round: clause 4 sees it as before (issue 18, release
+/// lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_child_no_list_names_is_still_read_and_holds_its_tree() {
+    let mut unlisted = Data::child_busy();
+    unlisted.children.clear();
+    let up = Upstream::start(unlisted, None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "20ms").await;
+    announce_child(&up, &oracle).await;
+    up.double.session_reads.lock().unwrap().clear();
+
+    let decision = oracle.decide(&root()).await;
+    assert_eq!(
+        decision.verdict,
+        Verdict::Running {
+            session: CHILD.into(),
+            reason: format!("{CHILD} is busy (rule 1)")
+        }
+    );
+    assert!(
+        up.double
+            .session_reads
+            .lock()
+            .unwrap()
+            .contains(&format!("/session/{CHILD}")),
+        "the child's own info was read"
+    );
+    shutdown.cancel();
+}

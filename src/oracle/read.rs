@@ -2,13 +2,13 @@
 //! history), judged by the terminal rule. One read of a tree is shared by everyone who waits on
 //! it ([`Oracle::read`] coalesces); this file is what one read does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::opencode::{SessionStatus, StatusMap};
+use crate::opencode::{Session, SessionStatus, StatusMap};
 
 use super::client::ClientError;
 use super::rule::{self, SessionSnapshot, TreeSnapshot};
@@ -43,20 +43,30 @@ impl Oracle {
     ) -> Result<Option<TreeRead>, ClientError> {
         let client = &self.inner.client;
         let directory = root.directory.clone();
-        let read = |id: String| {
+        // A session's info is asked for only when no `/children` answer of this read lists it
+        // (the list carries the same info): the root, and sessions only a task part names.
+        let read = |id: String, with_info: bool| {
             let r = SessionRef {
                 id,
                 directory: directory.clone(),
             };
             async move {
+                let info = async {
+                    if with_info {
+                        Some(client.session(&r).await)
+                    } else {
+                        None
+                    }
+                };
                 let (info, children, messages) =
-                    tokio::join!(client.session(&r), client.children(&r), client.messages(&r));
+                    tokio::join!(info, client.children(&r), client.messages(&r));
                 (r.id, info, children, messages)
             }
         };
         // The status map, the root and every descendant the watcher already knows are read at
         // once, then any level of children still unknown: a plain prompt's tree, or one whose
-        // children the watcher saw created, costs one round trip.
+        // children the watcher saw created, costs one round trip. The known descendants' info
+        // is expected from their parents' lists, read in the same round.
         let mut first = vec![root.id.clone()];
         let mut at = 0;
         while at < first.len() && first.len() < MAX_TREE {
@@ -69,16 +79,43 @@ impl Oracle {
             }
             at += 1;
         }
+        let began = Instant::now();
+        let mut rounds = 1usize;
+        let mut asked = first.len();
+        let mut info_reads = 1usize;
         let (statuses, mut level) = tokio::join!(
             self.status_map(directory.clone(), &first, reuse),
-            futures_util::future::join_all(first.iter().cloned().map(read))
+            futures_util::future::join_all(first.iter().map(|id| read(id.clone(), *id == root.id)))
         );
         let (statuses, map_seq) = statuses?;
         let mut sessions: BTreeMap<String, SessionSnapshot> = BTreeMap::new();
+        // Every session a `/children` answer of this read listed, with its info.
+        let mut listed: HashMap<String, Session> = HashMap::new();
         loop {
+            for (_, _, children, _) in &level {
+                for child in children.iter().flatten() {
+                    listed
+                        .entry(child.id.clone())
+                        .or_insert_with(|| child.clone());
+                }
+            }
             let mut next: Vec<String> = Vec::new();
             for (id, info, children, messages) in level {
                 let is_root = id == root.id;
+                let info = match info {
+                    Some(info) => info,
+                    None => match listed.get(&id) {
+                        Some(info) => Ok(info.clone()),
+                        // Known to the watcher, listed by no parent, and gone: dropped as below.
+                        None if matches!(messages, Err(ClientError::NotFound { .. })) => continue,
+                        // Known to the watcher but listed by no parent (only a task part names
+                        // it): read again with its own info.
+                        None => {
+                            next.push(id);
+                            continue;
+                        }
+                    },
+                };
                 let (info, messages) = match (info, messages) {
                     (Ok(info), Ok(messages)) => (info, messages),
                     // A child that no longer exists (deleted) cannot hold the tree; a root
@@ -130,8 +167,24 @@ impl Oracle {
             if next.is_empty() {
                 break;
             }
-            level = futures_util::future::join_all(next.into_iter().map(read)).await;
+            rounds += 1;
+            asked += next.len();
+            let reads = next.into_iter().map(|id| {
+                let with_info = !listed.contains_key(&id);
+                info_reads += usize::from(with_info);
+                read(id, with_info)
+            });
+            level = futures_util::future::join_all(reads).await;
         }
+        tracing::debug!(
+            root = %root.id,
+            rounds,
+            sessions_read = asked,
+            info_reads,
+            status_map_shared = map_seq.is_some(),
+            elapsed_ms = began.elapsed().as_millis() as u64,
+            "oracle: tree read"
+        );
         let ids: Vec<String> = sessions.keys().cloned().collect();
         if let Some(seq) = map_seq {
             if self.inner.state.changed_since(&ids, seq) {
