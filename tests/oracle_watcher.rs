@@ -605,3 +605,60 @@ async fn a_known_child_no_list_names_is_still_read_and_holds_its_tree() {
     );
     shutdown.cancel();
 }
+
+/// A read that reused a shared status map and saw an event for its tree arrive meanwhile (at a
+/// prompt's release: the root's own end of turn) must not judge with that map, but needs only
+/// a fresh map, not the whole tree again: its sessions were all read after it began (issue 18,
+/// release lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_during_a_read_on_a_shared_map_reads_only_the_map_again() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "20ms").await;
+    // The child's tree is read first: its map is the one the root's read will share.
+    assert_eq!(
+        oracle.decide(&session(CHILD)).await.verdict.name(),
+        "completed"
+    );
+    let maps = up.double.reads();
+
+    let (open, gate) = tokio::sync::watch::channel(false);
+    *up.double.session_gate.lock().unwrap() = Some(gate);
+    up.double.session_reads.lock().unwrap().clear();
+    let decide = tokio::spawn({
+        let oracle = oracle.clone();
+        async move { oracle.decide(&root()).await }
+    });
+    eventually("the root's read under way", PATIENCE, || {
+        !up.double.session_reads.lock().unwrap().is_empty()
+    })
+    .await;
+    // The root works again while its read is held; only the status map says so.
+    let mut busy = Data::all_done();
+    busy.statuses = json!({PARENT: {"type": "busy"}});
+    up.double.set(busy);
+    let seq = oracle.watch_state().seq();
+    up.double
+        .emit(json!({"id": "evt_busy", "type": "session.status",
+        "properties": {"sessionID": PARENT, "status": {"type": "busy"}}}));
+    eventually("the watcher took the event", PATIENCE, || {
+        oracle.watch_state().seq() > seq
+    })
+    .await;
+    open.send(true).unwrap();
+
+    let decision = tokio::time::timeout(PATIENCE, decide)
+        .await
+        .expect("the read ends")
+        .unwrap();
+    assert_eq!(
+        decision.verdict,
+        Verdict::Running {
+            session: PARENT.into(),
+            reason: format!("{PARENT} is busy (rule 1)")
+        }
+    );
+    assert_eq!(up.double.reads(), maps + 1, "one fresh map");
+    let reads = up.double.session_reads.lock().unwrap().clone();
+    assert_eq!(reads.len(), 5, "each session read once: {reads:?}");
+    shutdown.cancel();
+}

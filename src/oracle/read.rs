@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::opencode::{Session, SessionStatus, StatusMap};
+use crate::opencode::{Message, Session, SessionStatus, StatusMap};
 
 use super::client::ClientError;
 use super::rule::{self, SessionSnapshot, TreeSnapshot};
@@ -16,31 +16,13 @@ use super::{Decision, Oracle, SessionRef, SessionSummary, SharedStatuses, Verdic
 
 impl Oracle {
     /// Reads the status map once, then every session of the tree (info, children, history).
-    /// A root the runtime answers 404 for is [`Verdict::Gone`].
+    /// A root the runtime answers 404 for is [`Verdict::Gone`]. A status map read since
+    /// `not_before` may be used instead of a fresh one (see [`Oracle::status_map`]).
     pub(super) async fn read_tree(
         &self,
         root: &SessionRef,
         not_before: Instant,
     ) -> Result<TreeRead, ClientError> {
-        let mut reuse = Some(not_before);
-        loop {
-            match self.read_tree_with(root, reuse).await? {
-                Some(tree) => return Ok(tree),
-                // The tree holds a session the reused map may be stale about: read a fresh
-                // map (which is never refused).
-                None => reuse = None,
-            }
-        }
-    }
-
-    /// One tree read. With `reuse`, a status map read since that instant may be used instead of
-    /// a fresh one; `None` comes back when the tree turned out to hold a session that changed
-    /// since that map was read.
-    async fn read_tree_with(
-        &self,
-        root: &SessionRef,
-        reuse: Option<Instant>,
-    ) -> Result<Option<TreeRead>, ClientError> {
         let client = &self.inner.client;
         let directory = root.directory.clone();
         // A session's info is asked for only when no `/children` answer of this read lists it
@@ -84,11 +66,12 @@ impl Oracle {
         let mut asked = first.len();
         let mut info_reads = 1usize;
         let (statuses, mut level) = tokio::join!(
-            self.status_map(directory.clone(), &first, reuse),
+            self.status_map(directory.clone(), &first, Some(not_before)),
             futures_util::future::join_all(first.iter().map(|id| read(id.clone(), *id == root.id)))
         );
         let (statuses, map_seq) = statuses?;
-        let mut sessions: BTreeMap<String, SessionSnapshot> = BTreeMap::new();
+        // Every session read, with its info and history; judged once the status map is known.
+        let mut found: BTreeMap<String, (Session, Vec<Message>)> = BTreeMap::new();
         // Every session a `/children` answer of this read listed, with its info.
         let mut listed: HashMap<String, Session> = HashMap::new();
         loop {
@@ -123,7 +106,7 @@ impl Oracle {
                     (Err(ClientError::NotFound { .. }), _)
                     | (_, Err(ClientError::NotFound { .. })) => {
                         if is_root {
-                            return Ok(Some(TreeRead::gone(&root.id)));
+                            return Ok(TreeRead::gone(&root.id));
                         }
                         continue;
                     }
@@ -140,30 +123,12 @@ impl Oracle {
                 if let Some(known) = self.inner.state.session(&id) {
                     next.extend(known.children);
                 }
-                let status = statuses.get(&id).cloned();
-                let busy_now = status.as_ref().is_some_and(|s| !s.is_idle());
-                let seen_busy = self.inner.state.busy_ever(&id) || busy_now;
-                let prompt_pending = self.inner.state.prompt_pending(
-                    &id,
-                    busy_now,
-                    &messages,
-                    self.inner.rest_bound,
-                );
-                sessions.insert(
-                    id,
-                    SessionSnapshot {
-                        info,
-                        status,
-                        seen_busy,
-                        prompt_pending,
-                        messages,
-                    },
-                );
+                found.insert(id, (info, messages));
             }
             next.sort();
             next.dedup();
-            next.retain(|id| !sessions.contains_key(id));
-            next.truncate(MAX_TREE.saturating_sub(sessions.len()));
+            next.retain(|id| !found.contains_key(id));
+            next.truncate(MAX_TREE.saturating_sub(found.len()));
             if next.is_empty() {
                 break;
             }
@@ -176,21 +141,50 @@ impl Oracle {
             });
             level = futures_util::future::join_all(reads).await;
         }
+        let ids: Vec<String> = found.keys().cloned().collect();
+        // The shared map may be stale about a session an event touched during the read (the
+        // root's own end of turn, typically): only the map is read again, fresh, since every
+        // session was read after the read began.
+        let (statuses, status_map) = match map_seq {
+            Some(seq) if self.inner.state.changed_since(&ids, seq) => {
+                rounds += 1;
+                let (fresh, _) = self.status_map(directory, &ids, None).await?;
+                (fresh, "shared, then read again")
+            }
+            Some(_) => (statuses, "shared"),
+            None => (statuses, "read"),
+        };
         tracing::debug!(
             root = %root.id,
             rounds,
             sessions_read = asked,
             info_reads,
-            status_map_shared = map_seq.is_some(),
+            status_map,
             elapsed_ms = began.elapsed().as_millis() as u64,
             "oracle: tree read"
         );
-        let ids: Vec<String> = sessions.keys().cloned().collect();
-        if let Some(seq) = map_seq {
-            if self.inner.state.changed_since(&ids, seq) {
-                return Ok(None);
-            }
-        }
+        let sessions: BTreeMap<String, SessionSnapshot> = found
+            .into_iter()
+            .map(|(id, (info, messages))| {
+                let status = statuses.get(&id).cloned();
+                let busy_now = status.as_ref().is_some_and(|s| !s.is_idle());
+                let seen_busy = self.inner.state.busy_ever(&id) || busy_now;
+                let prompt_pending = self.inner.state.prompt_pending(
+                    &id,
+                    busy_now,
+                    &messages,
+                    self.inner.rest_bound,
+                );
+                let snapshot = SessionSnapshot {
+                    info,
+                    status,
+                    seen_busy,
+                    prompt_pending,
+                    messages,
+                };
+                (id, snapshot)
+            })
+            .collect();
         let tree = TreeSnapshot {
             root: root.id.clone(),
             sessions,
@@ -224,7 +218,7 @@ impl Oracle {
             .collect();
         // The root first, for readers that print the list as a tree.
         summaries.sort_by_key(|s| s.id != root.id);
-        Ok(Some(TreeRead {
+        Ok(TreeRead {
             ids,
             decision: Decision {
                 verdict: judgement.verdict,
@@ -235,7 +229,7 @@ impl Oracle {
             },
             at_rest: judgement.at_rest,
             activity: judgement.activity,
-        }))
+        })
     }
 
     /// The runtime's status map for a read of the tree whose known sessions are `known`.
