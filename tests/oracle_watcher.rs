@@ -662,3 +662,26 @@ async fn an_event_during_a_read_on_a_shared_map_reads_only_the_map_again() {
     assert_eq!(reads.len(), 5, "each session read once: {reads:?}");
     shutdown.cancel();
 }
+
+/// A shared status map that shows the root working is not reused: the read that releases a
+/// prompt comes just as the root ended its turn, and with the child's map from moments before
+/// it would say "running" and need the map again after it (issue 18, release lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_map_that_shows_the_root_working_is_not_reused() {
+    let mut working = Data::all_done();
+    working.statuses = json!({PARENT: {"type": "busy"}});
+    let up = Upstream::start(working, None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "20ms").await;
+    assert_eq!(
+        oracle.decide(&session(CHILD)).await.verdict.name(),
+        "completed"
+    );
+    let maps = up.double.reads();
+    // The root ends its turn; its events are still on their way.
+    up.double.set(Data::all_done());
+
+    let decision = oracle.decide(&root()).await;
+    assert_eq!(decision.verdict.name(), "completed", "{decision:?}");
+    assert_eq!(up.double.reads(), maps + 1, "a map of its own");
+    shutdown.cancel();
+}
