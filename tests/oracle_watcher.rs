@@ -663,11 +663,12 @@ async fn an_event_during_a_read_on_a_shared_map_reads_only_the_map_again() {
     shutdown.cancel();
 }
 
-/// A shared status map that shows the root working is not reused: the read that releases a
-/// prompt comes just as the root ended its turn, and with the child's map from moments before
-/// it would say "running" and need the map again after it (issue 18, release lag).
+/// The read that releases a prompt comes the moment the runtime answered it, before the events
+/// of its end of turn; a status map the child's read took moments before still shows the root
+/// working. It must not be reused: the read would say "running" and need the map again after
+/// it, a second round (issue 18, release lag).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shared_map_that_shows_the_root_working_is_not_reused() {
+async fn a_status_map_read_before_a_prompts_answer_is_not_reused_for_its_release() {
     let mut working = Data::all_done();
     working.statuses = json!({PARENT: {"type": "busy"}});
     let up = Upstream::start(working, None).await;
@@ -677,8 +678,9 @@ async fn a_shared_map_that_shows_the_root_working_is_not_reused() {
         "completed"
     );
     let maps = up.double.reads();
-    // The root ends its turn; its events are still on their way.
+    // The root ends its turn and the runtime answers the prompt; no event has come yet.
     up.double.set(Data::all_done());
+    oracle.prompt_answered(&root());
 
     let decision = oracle.decide(&root()).await;
     assert_eq!(decision.verdict.name(), "completed", "{decision:?}");

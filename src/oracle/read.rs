@@ -148,9 +148,7 @@ impl Oracle {
         let (statuses, status_map) = match map_seq {
             Some(seq) if self.inner.state.changed_since(&ids, seq) => {
                 rounds += 1;
-                let (fresh, _) = self
-                    .status_map(directory, std::slice::from_ref(&root.id), None)
-                    .await?;
+                let (fresh, _) = self.status_map(directory, &ids, None).await?;
                 (fresh, "shared, then read again")
             }
             Some(_) => (statuses, "shared"),
@@ -234,8 +232,7 @@ impl Oracle {
         })
     }
 
-    /// The runtime's status map for a read of the tree whose known sessions are `known`, the
-    /// root first.
+    /// The runtime's status map for a read of the tree whose known sessions are `known`.
     ///
     /// Every tree read needs the whole map, and the map is the same for every tree: the trees
     /// read within one poll interval share one fetch of it (one in flight, or the last one
@@ -243,13 +240,8 @@ impl Oracle {
     /// than the poll interval, and no event has arrived since it started for any session in
     /// `known`, so it can never show idle a session that an event showed busy after it (the
     /// caller checks the sessions it finds beyond `known` the same way, against the sequence
-    /// number returned). Nor is an answered map that shows the root working: such a map makes
-    /// the read say "running", and when the root has just ended its turn (a prompt's answer,
-    /// the read that releases it) the events saying so arrive during the read, so the map
-    /// would have to be read again after it, a second round; a fresh one alongside the
-    /// sessions costs the same request without the round. A read that cannot reuse one starts
-    /// its own at once rather than queueing behind another; a fresh map returns no sequence
-    /// number.
+    /// number returned). A read that cannot reuse one starts its own at once rather than
+    /// queueing behind another; a fresh map returns no sequence number.
     async fn status_map(
         &self,
         directory: Option<String>,
@@ -261,7 +253,6 @@ impl Oracle {
                 read.started >= since
                     && read.started.elapsed() < self.inner.poll_interval
                     && !self.inner.state.changed_since(known, read.seq)
-                    && !shows_working(read, known.first())
             })
         };
         let key = directory.clone();
@@ -317,15 +308,6 @@ impl Oracle {
         }
         drop(all);
         Ok((map, None))
-    }
-}
-
-/// Whether `read` has answered and shows `session` working (busy, retrying, …).
-fn shows_working(read: &SharedStatuses, session: Option<&String>) -> bool {
-    let answered = read.map.peek().and_then(|map| map.as_ref().ok());
-    match (answered, session) {
-        (Some(map), Some(session)) => map.get(session).is_some_and(|s| !s.is_idle()),
-        _ => false,
     }
 }
 
