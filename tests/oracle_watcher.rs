@@ -501,3 +501,189 @@ async fn a_busy_event_after_the_shared_status_map_was_read_forces_a_fresh_one() 
     assert!(up.double.reads() > before, "the map was read again");
     shutdown.cancel();
 }
+
+/// The runtime announces a session it creates under another (`session.created` with a
+/// `parentID`), as it does for a foreground `task` child.
+async fn announce_child(up: &Upstream, oracle: &Oracle) {
+    up.double
+        .emit(json!({"id": "evt_created", "type": "session.created",
+        "properties": {"sessionID": CHILD, "info": {"id": CHILD, "parentID": PARENT}}}));
+    eventually("the watcher knows the child", PATIENCE, || {
+        oracle
+            .watch_state()
+            .session(PARENT)
+            .is_some_and(|p| p.children.contains(CHILD))
+    })
+    .await;
+}
+
+/// A released prompt waits for one tree read taken at the runtime's busiest moment, so a tree
+/// read must not walk a foreground child's tree level by level (two round trips): the child the
+/// watcher saw created is asked for while none of the root's reads is answered yet, and its
+/// info comes from the root's `/children` list rather than a request of its own (issue 18,
+/// release lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreground_tree_is_read_in_one_round_trip() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "20ms").await;
+    announce_child(&up, &oracle).await;
+
+    let (open, gate) = tokio::sync::watch::channel(false);
+    *up.double.session_gate.lock().unwrap() = Some(gate);
+    up.double.session_reads.lock().unwrap().clear();
+    let decide = tokio::spawn({
+        let oracle = oracle.clone();
+        async move { oracle.decide(&root()).await }
+    });
+    let child_history = format!("/session/{CHILD}/message");
+    eventually(
+        "the child's history asked for before any session read was answered",
+        PATIENCE,
+        || {
+            up.double
+                .session_reads
+                .lock()
+                .unwrap()
+                .contains(&child_history)
+        },
+    )
+    .await;
+    open.send(true).unwrap();
+    let decision = tokio::time::timeout(PATIENCE, decide)
+        .await
+        .expect("the read ends once its requests are answered")
+        .unwrap();
+    assert_eq!(decision.verdict.name(), "completed", "{decision:?}");
+    assert!(
+        decision.sessions.iter().any(|s| s.id == CHILD),
+        "{decision:?}"
+    );
+    let mut reads = up.double.session_reads.lock().unwrap().clone();
+    reads.sort();
+    let mut expected = vec![
+        format!("/session/{PARENT}"),
+        format!("/session/{PARENT}/children"),
+        format!("/session/{PARENT}/message"),
+        format!("/session/{CHILD}/children"),
+        child_history,
+    ];
+    expected.sort();
+    assert_eq!(
+        reads, expected,
+        "one request per route and session, no info of the child"
+    );
+    shutdown.cancel();
+}
+
+/// A child the watcher knows but no `/children` list names (only a task part does) is still
+/// read, with its own info, in a further round: clause 4 sees it as before (issue 18, release
+/// lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_child_no_list_names_is_still_read_and_holds_its_tree() {
+    let mut unlisted = Data::child_busy();
+    unlisted.children.clear();
+    let up = Upstream::start(unlisted, None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "20ms").await;
+    announce_child(&up, &oracle).await;
+    up.double.session_reads.lock().unwrap().clear();
+
+    let decision = oracle.decide(&root()).await;
+    assert_eq!(
+        decision.verdict,
+        Verdict::Running {
+            session: CHILD.into(),
+            reason: format!("{CHILD} is busy (rule 1)")
+        }
+    );
+    assert!(
+        up.double
+            .session_reads
+            .lock()
+            .unwrap()
+            .contains(&format!("/session/{CHILD}")),
+        "the child's own info was read"
+    );
+    shutdown.cancel();
+}
+
+/// A read that reused a shared status map and saw an event for its tree arrive meanwhile (at a
+/// prompt's release: the root's own end of turn) must not judge with that map, but needs only
+/// a fresh map, not the whole tree again: its sessions were all read after it began (issue 18,
+/// release lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_during_a_read_on_a_shared_map_reads_only_the_map_again() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "20ms").await;
+    // The child's tree is read first: its map is the one the root's read will share.
+    assert_eq!(
+        oracle.decide(&session(CHILD)).await.verdict.name(),
+        "completed"
+    );
+    let maps = up.double.reads();
+
+    let (open, gate) = tokio::sync::watch::channel(false);
+    *up.double.session_gate.lock().unwrap() = Some(gate);
+    up.double.session_reads.lock().unwrap().clear();
+    let decide = tokio::spawn({
+        let oracle = oracle.clone();
+        async move { oracle.decide(&root()).await }
+    });
+    eventually("the root's read under way", PATIENCE, || {
+        !up.double.session_reads.lock().unwrap().is_empty()
+    })
+    .await;
+    // The root works again while its read is held; only the status map says so.
+    let mut busy = Data::all_done();
+    busy.statuses = json!({PARENT: {"type": "busy"}});
+    up.double.set(busy);
+    let seq = oracle.watch_state().seq();
+    up.double
+        .emit(json!({"id": "evt_busy", "type": "session.status",
+        "properties": {"sessionID": PARENT, "status": {"type": "busy"}}}));
+    eventually("the watcher took the event", PATIENCE, || {
+        oracle.watch_state().seq() > seq
+    })
+    .await;
+    open.send(true).unwrap();
+
+    let decision = tokio::time::timeout(PATIENCE, decide)
+        .await
+        .expect("the read ends")
+        .unwrap();
+    assert_eq!(
+        decision.verdict,
+        Verdict::Running {
+            session: PARENT.into(),
+            reason: format!("{PARENT} is busy (rule 1)")
+        }
+    );
+    assert_eq!(up.double.reads(), maps + 1, "one fresh map");
+    let reads = up.double.session_reads.lock().unwrap().clone();
+    assert_eq!(reads.len(), 5, "each session read once: {reads:?}");
+    shutdown.cancel();
+}
+
+/// The read that releases a prompt comes the moment the runtime answered it, before the events
+/// of its end of turn; a status map the child's read took moments before still shows the root
+/// working. It must not be reused: the read would say "running" and need the map again after
+/// it, a second round (issue 18, release lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_map_read_before_a_prompts_answer_is_not_reused_for_its_release() {
+    let mut working = Data::all_done();
+    working.statuses = json!({PARENT: {"type": "busy"}});
+    let up = Upstream::start(working, None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "20ms").await;
+    assert_eq!(
+        oracle.decide(&session(CHILD)).await.verdict.name(),
+        "completed"
+    );
+    let maps = up.double.reads();
+    // The root ends its turn and the runtime answers the prompt; no event has come yet.
+    up.double.set(Data::all_done());
+    oracle.prompt_answered(&root());
+
+    let decision = oracle.decide(&root()).await;
+    assert_eq!(decision.verdict.name(), "completed", "{decision:?}");
+    assert_eq!(up.double.reads(), maps + 1, "a map of its own");
+    shutdown.cancel();
+}

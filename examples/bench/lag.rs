@@ -105,6 +105,12 @@ pub async fn run(taskgate: &Path, rounds: usize) -> Result<String, Error> {
             }
         }
     }
+    // taskgate's log goes with its temporary directory; with `RUST_LOG=info,taskgate=trace`
+    // it holds every tree read and request of each release (docs/performance.md).
+    if let Some(path) = std::env::var_os("BENCH_LAG_LOG") {
+        std::fs::write(&path, gate.log())
+            .map_err(|e| format!("BENCH_LAG_LOG {}: {e}", Path::new(&path).display()))?;
+    }
     Ok(table(&bin.version, rounds, &samples))
 }
 

@@ -48,6 +48,7 @@ pub(super) async fn prompt(
         // the reply is then the latest message as the oracle reads it.
         Err(passthrough) => (passthrough.into_parts().0, Bytes::new(), true),
     };
+    inner.oracle.prompt_answered(&session);
     let guard = inner.holds.open(HoldKind::Prompt, &session.id, &session.id);
     // A compressed reply is never sent back as it came: once committed, the headers that said
     // so are gone; the latest message, read as plain JSON, replaces it. So does one not kept.

@@ -278,7 +278,12 @@ impl RuntimeClient {
                 what: format!("not the expected JSON ({e})"),
             })
         };
-        match tokio::time::timeout(self.timeout, read).await {
+        // Timed per request: a tree read is as slow as its slowest request, and which one that
+        // is says where the runtime spends the time (docs/performance.md, release lag).
+        let began = tokio::time::Instant::now();
+        let result = tokio::time::timeout(self.timeout, read).await;
+        tracing::trace!(%url, elapsed_ms = began.elapsed().as_millis() as u64, "oracle: read");
+        match result {
             Ok(result) => result,
             Err(_) => Err(ClientError::Timeout {
                 url: url.clone(),

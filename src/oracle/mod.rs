@@ -545,6 +545,13 @@ impl Oracle {
         self.inner.state.prompt_accepted(&session.id, received_ms);
     }
 
+    /// The runtime answered a prompt for `session` (a synchronous prompt's reply arrived): the
+    /// read that releases it must not decide with a status map taken before, which may still
+    /// show the session working while the events that say otherwise are on their way.
+    pub fn prompt_answered(&self, session: &SessionRef) {
+        self.inner.state.prompt_answered(&session.id);
+    }
+
     /// Sessions with an accepted prompt the runtime has not been seen starting.
     pub fn pending_prompts(&self) -> Vec<String> {
         self.inner.state.pending_prompts()

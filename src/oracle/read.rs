@@ -2,13 +2,13 @@
 //! history), judged by the terminal rule. One read of a tree is shared by everyone who waits on
 //! it ([`Oracle::read`] coalesces); this file is what one read does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::opencode::{SessionStatus, StatusMap};
+use crate::opencode::{Message, Session, SessionStatus, StatusMap};
 
 use super::client::ClientError;
 use super::rule::{self, SessionSnapshot, TreeSnapshot};
@@ -16,47 +16,39 @@ use super::{Decision, Oracle, SessionRef, SessionSummary, SharedStatuses, Verdic
 
 impl Oracle {
     /// Reads the status map once, then every session of the tree (info, children, history).
-    /// A root the runtime answers 404 for is [`Verdict::Gone`].
+    /// A root the runtime answers 404 for is [`Verdict::Gone`]. A status map read since
+    /// `not_before` may be used instead of a fresh one (see [`Oracle::status_map`]).
     pub(super) async fn read_tree(
         &self,
         root: &SessionRef,
         not_before: Instant,
     ) -> Result<TreeRead, ClientError> {
-        let mut reuse = Some(not_before);
-        loop {
-            match self.read_tree_with(root, reuse).await? {
-                Some(tree) => return Ok(tree),
-                // The tree holds a session the reused map may be stale about: read a fresh
-                // map (which is never refused).
-                None => reuse = None,
-            }
-        }
-    }
-
-    /// One tree read. With `reuse`, a status map read since that instant may be used instead of
-    /// a fresh one; `None` comes back when the tree turned out to hold a session that changed
-    /// since that map was read.
-    async fn read_tree_with(
-        &self,
-        root: &SessionRef,
-        reuse: Option<Instant>,
-    ) -> Result<Option<TreeRead>, ClientError> {
         let client = &self.inner.client;
         let directory = root.directory.clone();
-        let read = |id: String| {
+        // A session's info is asked for only when no `/children` answer of this read lists it
+        // (the list carries the same info): the root, and sessions only a task part names.
+        let read = |id: String, with_info: bool| {
             let r = SessionRef {
                 id,
                 directory: directory.clone(),
             };
             async move {
+                let info = async {
+                    if with_info {
+                        Some(client.session(&r).await)
+                    } else {
+                        None
+                    }
+                };
                 let (info, children, messages) =
-                    tokio::join!(client.session(&r), client.children(&r), client.messages(&r));
+                    tokio::join!(info, client.children(&r), client.messages(&r));
                 (r.id, info, children, messages)
             }
         };
         // The status map, the root and every descendant the watcher already knows are read at
         // once, then any level of children still unknown: a plain prompt's tree, or one whose
-        // children the watcher saw created, costs one round trip.
+        // children the watcher saw created, costs one round trip. The known descendants' info
+        // is expected from their parents' lists, read in the same round.
         let mut first = vec![root.id.clone()];
         let mut at = 0;
         while at < first.len() && first.len() < MAX_TREE {
@@ -69,16 +61,44 @@ impl Oracle {
             }
             at += 1;
         }
+        let began = Instant::now();
+        let mut rounds = 1usize;
+        let mut asked = first.len();
+        let mut info_reads = 1usize;
         let (statuses, mut level) = tokio::join!(
-            self.status_map(directory.clone(), &first, reuse),
-            futures_util::future::join_all(first.iter().cloned().map(read))
+            self.status_map(directory.clone(), &first, Some(not_before)),
+            futures_util::future::join_all(first.iter().map(|id| read(id.clone(), *id == root.id)))
         );
         let (statuses, map_seq) = statuses?;
-        let mut sessions: BTreeMap<String, SessionSnapshot> = BTreeMap::new();
+        // Every session read, with its info and history; judged once the status map is known.
+        let mut found: BTreeMap<String, (Session, Vec<Message>)> = BTreeMap::new();
+        // Every session a `/children` answer of this read listed, with its info.
+        let mut listed: HashMap<String, Session> = HashMap::new();
         loop {
+            for (_, _, children, _) in &level {
+                for child in children.iter().flatten() {
+                    listed
+                        .entry(child.id.clone())
+                        .or_insert_with(|| child.clone());
+                }
+            }
             let mut next: Vec<String> = Vec::new();
             for (id, info, children, messages) in level {
                 let is_root = id == root.id;
+                let info = match info {
+                    Some(info) => info,
+                    None => match listed.get(&id) {
+                        Some(info) => Ok(info.clone()),
+                        // Known to the watcher, listed by no parent, and gone: dropped as below.
+                        None if matches!(messages, Err(ClientError::NotFound { .. })) => continue,
+                        // Known to the watcher but listed by no parent (only a task part names
+                        // it): read again with its own info.
+                        None => {
+                            next.push(id);
+                            continue;
+                        }
+                    },
+                };
                 let (info, messages) = match (info, messages) {
                     (Ok(info), Ok(messages)) => (info, messages),
                     // A child that no longer exists (deleted) cannot hold the tree; a root
@@ -86,7 +106,7 @@ impl Oracle {
                     (Err(ClientError::NotFound { .. }), _)
                     | (_, Err(ClientError::NotFound { .. })) => {
                         if is_root {
-                            return Ok(Some(TreeRead::gone(&root.id)));
+                            return Ok(TreeRead::gone(&root.id));
                         }
                         continue;
                     }
@@ -103,6 +123,49 @@ impl Oracle {
                 if let Some(known) = self.inner.state.session(&id) {
                     next.extend(known.children);
                 }
+                found.insert(id, (info, messages));
+            }
+            next.sort();
+            next.dedup();
+            next.retain(|id| !found.contains_key(id));
+            next.truncate(MAX_TREE.saturating_sub(found.len()));
+            if next.is_empty() {
+                break;
+            }
+            rounds += 1;
+            asked += next.len();
+            let reads = next.into_iter().map(|id| {
+                let with_info = !listed.contains_key(&id);
+                info_reads += usize::from(with_info);
+                read(id, with_info)
+            });
+            level = futures_util::future::join_all(reads).await;
+        }
+        let ids: Vec<String> = found.keys().cloned().collect();
+        // The shared map may be stale about a session an event touched during the read (the
+        // root's own end of turn, typically): only the map is read again, fresh, since every
+        // session was read after the read began.
+        let (statuses, status_map) = match map_seq {
+            Some(seq) if self.inner.state.changed_since(&ids, seq) => {
+                rounds += 1;
+                let (fresh, _) = self.status_map(directory, &ids, None).await?;
+                (fresh, "shared, then read again")
+            }
+            Some(_) => (statuses, "shared"),
+            None => (statuses, "read"),
+        };
+        tracing::debug!(
+            root = %root.id,
+            rounds,
+            sessions_read = asked,
+            info_reads,
+            status_map,
+            elapsed_ms = began.elapsed().as_millis() as u64,
+            "oracle: tree read"
+        );
+        let sessions: BTreeMap<String, SessionSnapshot> = found
+            .into_iter()
+            .map(|(id, (info, messages))| {
                 let status = statuses.get(&id).cloned();
                 let busy_now = status.as_ref().is_some_and(|s| !s.is_idle());
                 let seen_busy = self.inner.state.busy_ever(&id) || busy_now;
@@ -112,32 +175,16 @@ impl Oracle {
                     &messages,
                     self.inner.rest_bound,
                 );
-                sessions.insert(
-                    id,
-                    SessionSnapshot {
-                        info,
-                        status,
-                        seen_busy,
-                        prompt_pending,
-                        messages,
-                    },
-                );
-            }
-            next.sort();
-            next.dedup();
-            next.retain(|id| !sessions.contains_key(id));
-            next.truncate(MAX_TREE.saturating_sub(sessions.len()));
-            if next.is_empty() {
-                break;
-            }
-            level = futures_util::future::join_all(next.into_iter().map(read)).await;
-        }
-        let ids: Vec<String> = sessions.keys().cloned().collect();
-        if let Some(seq) = map_seq {
-            if self.inner.state.changed_since(&ids, seq) {
-                return Ok(None);
-            }
-        }
+                let snapshot = SessionSnapshot {
+                    info,
+                    status,
+                    seen_busy,
+                    prompt_pending,
+                    messages,
+                };
+                (id, snapshot)
+            })
+            .collect();
         let tree = TreeSnapshot {
             root: root.id.clone(),
             sessions,
@@ -171,7 +218,7 @@ impl Oracle {
             .collect();
         // The root first, for readers that print the list as a tree.
         summaries.sort_by_key(|s| s.id != root.id);
-        Ok(Some(TreeRead {
+        Ok(TreeRead {
             ids,
             decision: Decision {
                 verdict: judgement.verdict,
@@ -182,7 +229,7 @@ impl Oracle {
             },
             at_rest: judgement.at_rest,
             activity: judgement.activity,
-        }))
+        })
     }
 
     /// The runtime's status map for a read of the tree whose known sessions are `known`.

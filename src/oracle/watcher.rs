@@ -175,6 +175,15 @@ impl WatchState {
         self.wake(&[session]);
     }
 
+    /// The runtime answered a prompt for `session`: its turn just ended, which is news about it
+    /// like an event (whose own events may still be on their way), so a status map or tree read
+    /// taken before counts as stale for it.
+    pub fn prompt_answered(&self, session: &str) {
+        let seq = self.bump();
+        self.sessions().entry(session.to_owned()).or_default().seq = seq;
+        self.wake(&[session]);
+    }
+
     /// Whether `session` still has an accepted prompt the runtime has not started. The mark
     /// goes once the session is busy, once its history holds a user message created at or
     /// after the request, or after `bound` (a prompt the runtime dropped must not hold a tree

@@ -95,6 +95,10 @@ pub struct Double {
     pub password: Option<String>,
     /// While set, a status read is answered only once the test opens this gate (`true`).
     pub status_gate: Mutex<Option<watch::Receiver<bool>>>,
+    /// Every session read (`/session/:id`, `…/children`, `…/message`), as it arrived.
+    pub session_reads: Mutex<Vec<String>>,
+    /// While set, a session read is answered only once the test opens this gate (`true`).
+    pub session_gate: Mutex<Option<watch::Receiver<bool>>>,
     events: broadcast::Sender<String>,
     drops: watch::Sender<u64>,
 }
@@ -148,6 +152,8 @@ impl Upstream {
             status_outage: AtomicBool::new(false),
             password: password.map(str::to_owned),
             status_gate: Mutex::new(None),
+            session_reads: Mutex::new(Vec::new()),
+            session_gate: Mutex::new(None),
             events: broadcast::channel(1024).0,
             drops: watch::channel(0).0,
         });
@@ -275,14 +281,25 @@ async fn statuses(State(d): State<Arc<Double>>, headers: HeaderMap) -> Reply {
     json_reply(StatusCode::OK, &body)
 }
 
+/// Notes a session read and holds it while the test's gate is closed.
+async fn session_read(d: &Double, uri: &Uri) {
+    d.session_reads.lock().unwrap().push(uri.path().to_owned());
+    let gate = d.session_gate.lock().unwrap().clone();
+    if let Some(mut gate) = gate {
+        let _ = gate.wait_for(|open| *open).await;
+    }
+}
+
 async fn session(
     State(d): State<Arc<Double>>,
     Path(id): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Reply {
     if let Some(r) = denied(&d, &headers) {
         return r;
     }
+    session_read(&d, &uri).await;
     let found = d.data.lock().unwrap().sessions.get(&id).cloned();
     found.map_or_else(|| not_found(&id), |s| json_reply(StatusCode::OK, &s))
 }
@@ -290,11 +307,13 @@ async fn session(
 async fn children(
     State(d): State<Arc<Double>>,
     Path(id): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Reply {
     if let Some(r) = denied(&d, &headers) {
         return r;
     }
+    session_read(&d, &uri).await;
     let data = d.data.lock().unwrap().clone();
     if !data.sessions.contains_key(&id) {
         return not_found(&id);
@@ -339,6 +358,7 @@ async fn messages(
     if let Some(r) = denied(&d, &headers) {
         return r;
     }
+    session_read(&d, &uri).await;
     let found = d.data.lock().unwrap().messages.get(&id).cloned();
     // Counted once the data is taken: a test that sees the count knows what was served.
     d.message_reads.fetch_add(1, Ordering::SeqCst);
