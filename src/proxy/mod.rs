@@ -291,11 +291,19 @@ async fn serve_connection(
     _slot: OwnedSemaphorePermit,
 ) {
     let io = socket::ClientIo::new(stream);
-    let watched = io.watch();
     let shutdown = server.shutdown.clone();
     let proxy = &server.state.config().proxy;
     let (header_read_timeout, idle_timeout) = (proxy.header_read_timeout.0, proxy.idle_timeout.0);
     let activity = limits::Activity::default();
+    let alarms = Arc::new(limits::Alarms::default());
+    let _watchdog = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(limits::watchdog(
+        alarms.clone(),
+        server.shutdown.clone(),
+        activity.clone(),
+        idle_timeout,
+        io.watch(),
+        peer,
+    )));
     let forwarded_for = headers::forwarded_for(peer.ip());
     let pinned = upstream::Pinned::default();
     let service = {
@@ -320,33 +328,23 @@ async fn serve_connection(
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let mut conn = std::pin::pin!(conn);
-        let mut closing = false;
         loop {
             tokio::select! {
                 // Biased: the client side first, then the runtime connection (which the
-                // client side may just have installed), then the rest.
+                // client side may just have installed), then the watchdog's alarms.
                 biased;
                 result = conn.as_mut() => break Some(result),
                 () = std::future::poll_fn(|cx| {
                     pinned.poll_drive(cx);
                     std::task::Poll::Pending
                 }) => {}
-                () = shutdown.cancelled(), if !closing => {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-                () = activity.idle_for(idle_timeout), if !closing => {
-                    tracing::debug!(%peer, "closing an idle client connection");
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-                () = socket::client_gone(&watched) => {
+                alarm = alarms.next() => match alarm {
+                    limits::Alarm::Close => conn.as_mut().graceful_shutdown(),
                     // Dropping the connection drops its in-flight request, and returning
                     // drops the runtime connection it was sent on: the runtime sees the
                     // cancellation.
-                    tracing::debug!(%peer, "client connection reset; cancelling its exchange");
-                    break None;
-                }
+                    limits::Alarm::Gone => break None,
+                },
             }
         }
     };
