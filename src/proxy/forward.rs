@@ -60,7 +60,7 @@ pub async fn forward(
         parts.headers.insert(header::HOST, state.host().clone());
     }
     // HTTP/1.1 upstream whatever the client spoke, so an HTTP/1.0 client's request can still use
-    // a pooled keep-alive connection; hyper answers the client in its own version.
+    // a kept-alive runtime connection; hyper answers the client in its own version.
     parts.version = http::Version::HTTP_11;
     let trailers = headers::accepts_trailers(&parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);

@@ -199,6 +199,9 @@ impl Activity {
 pub enum Alarm {
     /// Shutdown, or idle for `proxy.idle_timeout`: finish the exchange under way and close.
     Close,
+    /// No request head within `proxy.header_read_timeout` of the connection being ready for
+    /// one: close now.
+    HeadTimeout,
     /// The client's socket is in error (reset, or dead by keepalive): drop everything now.
     Gone,
 }
@@ -211,7 +214,8 @@ pub struct Alarms {
 }
 
 const CLOSE: u8 = 1;
-const GONE: u8 = 2;
+const HEAD_TIMEOUT: u8 = 2;
+const GONE: u8 = 4;
 
 impl Alarms {
     fn raise(&self, flag: u8) {
@@ -219,13 +223,14 @@ impl Alarms {
         self.waker.wake();
     }
 
-    /// The next alarm raised (`Gone` first when both are). Cancel safe.
+    /// The next alarm raised (the most drastic first when several are). Cancel safe.
     pub fn next(&self) -> impl std::future::Future<Output = Alarm> + '_ {
         std::future::poll_fn(|cx| {
             self.waker.register(cx.waker());
             match self.raised.swap(0, Ordering::AcqRel) {
                 0 => Poll::Pending,
                 raised if raised & GONE != 0 => Poll::Ready(Alarm::Gone),
+                raised if raised & HEAD_TIMEOUT != 0 => Poll::Ready(Alarm::HeadTimeout),
                 _ => Poll::Ready(Alarm::Close),
             }
         })
@@ -233,14 +238,16 @@ impl Alarms {
 }
 
 /// Watches one client connection for what ends it from outside: shutdown, `idle` with nothing
-/// in flight, the client's socket in error. A task of its own, so that the connection's task,
-/// woken several times per request, polls one flag instead of a cancellation token, a timer
-/// and the socket's error state each time (docs/performance.md). Runs until aborted.
+/// in flight, no request head within `head` (the same wait: a connection with nothing in flight
+/// is waiting for a request head, from the first byte or none), the client's socket in error.
+/// A task of its own, so that the connection's task, woken several times per request, polls one
+/// flag instead of a cancellation token, timers and the socket's error state each time, and no
+/// header timer is armed and disarmed per request (docs/performance.md). Runs until aborted.
 pub async fn watchdog(
     alarms: Arc<Alarms>,
     shutdown: CancellationToken,
     activity: Activity,
-    idle: Duration,
+    (idle, head): (Duration, Duration),
     client: Arc<TcpStream>,
     peer: std::net::SocketAddr,
 ) {
@@ -255,6 +262,11 @@ pub async fn watchdog(
                 tracing::debug!(%peer, "closing an idle client connection");
                 alarms.raise(CLOSE);
                 closing = true;
+            }
+            () = activity.idle_for(head) => {
+                tracing::debug!(%peer, "no request head in time; closing the client connection");
+                alarms.raise(HEAD_TIMEOUT);
+                return;
             }
             () = super::socket::client_gone(&client) => {
                 tracing::debug!(%peer, "client connection reset; cancelling its exchange");

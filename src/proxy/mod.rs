@@ -97,9 +97,9 @@ fn class_index(status: StatusCode) -> usize {
 }
 
 impl ProxyState {
-    /// Builds the pooled upstream client (TCP_NODELAY so small SSE frames are not delayed by
-    /// Nagle; connect timeout from `proxy.connect_timeout`; no response timeout, because
-    /// `POST /session/:id/message` legitimately lasts hours).
+    /// Builds how the runtime is reached: runtime connections with TCP_NODELAY (so small SSE
+    /// frames are not delayed by Nagle) and a connect timeout from `proxy.connect_timeout`; no
+    /// response timeout, because `POST /session/:id/message` legitimately lasts hours.
     pub fn new(
         config: Config,
         metrics: Metrics,
@@ -300,7 +300,7 @@ async fn serve_connection(
         alarms.clone(),
         server.shutdown.clone(),
         activity.clone(),
-        idle_timeout,
+        (idle_timeout, header_read_timeout),
         io.watch(),
         peer,
     )));
@@ -320,11 +320,10 @@ async fn serve_connection(
         })
     };
     let ended = {
-        // hyper's header timer runs whenever the connection waits for a request head, from the
-        // first byte or none; it needs a timer to run at all (without one it is silently off).
+        // The header read timeout is the watchdog's, not hyper's: hyper's armed and disarmed
+        // a timer for every request.
         let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
+            .header_read_timeout(None)
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let mut conn = std::pin::pin!(conn);
@@ -340,6 +339,7 @@ async fn serve_connection(
                 }) => {}
                 alarm = alarms.next() => match alarm {
                     limits::Alarm::Close => conn.as_mut().graceful_shutdown(),
+                    limits::Alarm::HeadTimeout => break Some(Ok(())),
                     // Dropping the connection drops its in-flight request, and returning
                     // drops the runtime connection it was sent on: the runtime sees the
                     // cancellation.
