@@ -519,3 +519,26 @@ async fn a_spare_runtime_connection_closed_while_idle_is_replaced() {
         runtime.close_idle(1).await;
     }
 }
+
+/// The benchmark's 502 (docs/performance.md): when `wrk` ended a run with requests in flight,
+/// the runtime connection of an abandoned request was used again and the next request on it
+/// failed. A client connection that leaves with its request in flight must not spoil a runtime
+/// connection for anyone else.
+#[tokio::test]
+async fn an_abandoned_request_does_not_break_the_next_one() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start(|_req| async { Response::new(Body::from("ok")) }).await;
+    let proxy = Proxy::start(&upstream.url()).await;
+    for round in 0..5 {
+        // Sent and abandoned at once: the client closes before any answer can come.
+        let mut abandoned = TcpStream::connect(proxy.addr).await.unwrap();
+        abandoned
+            .write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        drop(abandoned);
+        let (status, body) = get(&proxy, "/next").await;
+        assert_eq!(status, StatusCode::OK, "round {round}: {body:?}");
+        assert_eq!(&body[..], b"ok");
+    }
+}

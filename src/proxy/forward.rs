@@ -20,6 +20,7 @@ use std::time::Instant;
 use axum::body::Body;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,7 +56,7 @@ pub async fn forward(
     let method = parts.method.clone();
     let client_uri = parts.uri.clone();
     let path = client_uri.path();
-    parts.uri = upstream_target(&parts.method, &parts.uri, state.authority());
+    upstream_target(&parts.method, &mut parts.uri, state.authority());
     if !parts.headers.contains_key(header::HOST) {
         parts.headers.insert(header::HOST, state.host().clone());
     }
@@ -81,10 +82,15 @@ pub async fn forward(
     if intercept.is_some() {
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
-    let body_failed = Arc::new(AtomicBool::new(false));
-    let body = Body::new(
-        Relay::new(body, metrics.bytes_to_upstream.clone()).flag_failure(body_failed.clone()),
-    );
+    // A request without a body (most of them) has nothing to relay, count or fail: it goes
+    // out as an empty body, framed the same (both say they are at their end, of size 0).
+    let body_failed = (!body.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+    let body = match &body_failed {
+        Some(failed) => Body::new(
+            Relay::new(body, metrics.bytes_to_upstream.clone()).flag_failure(failed.clone()),
+        ),
+        None => Body::empty(),
+    };
     let upstream_req = Request::from_parts(parts, body);
 
     // A client that goes away drops this future and ends its connection's task, which drops
@@ -99,7 +105,7 @@ pub async fn forward(
         }
         // The client's body broke (it left mid-upload, or sent malformed chunked framing):
         // the exchange failed on the client's side, not the runtime's.
-        Err(e) if body_failed.load(Ordering::SeqCst) => {
+        Err(e) if body_failed.is_some_and(|failed| failed.load(Ordering::SeqCst)) => {
             tracing::info!(%method, %path, error = ?e, "client request body failed; request abandoned");
             return client_error(
                 state,
@@ -163,25 +169,28 @@ pub async fn forward(
     Response::from_parts(parts, body)
 }
 
-/// The request target sent to the runtime, as hyper-util's client made it from the absolute URI
-/// this forwarder used to give it: origin form (path and query, `/` when empty), the client's
-/// bytes; authority form naming the runtime for `CONNECT`.
-fn upstream_target(method: &http::Method, uri: &Uri, runtime: &http::uri::Authority) -> Uri {
+/// Makes `uri` the request target sent to the runtime, as hyper-util's client made it from the
+/// absolute URI this forwarder used to give it: origin form (path and query, `/` when empty),
+/// the client's bytes; authority form naming the runtime for `CONNECT`.
+fn upstream_target(method: &http::Method, uri: &mut Uri, runtime: &http::uri::Authority) {
     if method == http::Method::CONNECT {
         let mut target = http::uri::Parts::default();
         target.authority = Some(runtime.clone());
-        return Uri::from_parts(target).unwrap_or_default();
+        *uri = Uri::from_parts(target).unwrap_or_default();
+        return;
     }
-    match uri.path_and_query() {
-        // Almost every request: already in origin form, shared as it is.
-        Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
+    // Almost every request is in origin form already and stays as it is.
+    if uri.scheme().is_none() && uri.authority().is_none() && uri.path_and_query().is_some() {
+        return;
+    }
+    *uri = match uri.path_and_query() {
         Some(path) if path.as_str() != "/" => {
             let mut target = http::uri::Parts::default();
             target.path_and_query = Some(path.clone());
             Uri::from_parts(target).unwrap_or_default()
         }
         _ => Uri::default(),
-    }
+    };
 }
 
 /// The response body as the client gets it: counted, and for an event stream, ended at
