@@ -415,3 +415,130 @@ async fn shutdown_ends_event_streams_and_websocket_tunnels_without_waiting_out_t
         .await
         .unwrap();
 }
+
+/// A runtime that answers one request (`ok`, keep-alive) on each connection and closes the
+/// connection, idle, when told (as one whose keep-alive timeout ran out), reporting each close.
+struct ClosingRuntime {
+    addr: SocketAddr,
+    close: tokio::sync::watch::Sender<u32>,
+    closed: mpsc::UnboundedReceiver<()>,
+}
+
+impl ClosingRuntime {
+    async fn start() -> ClosingRuntime {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed) = mpsc::unbounded_channel();
+        let (close, close_rx) = tokio::sync::watch::channel(0);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let closed_tx = closed_tx.clone();
+                let mut close_rx = close_rx.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .unwrap();
+                    let _ = close_rx.changed().await;
+                    drop(stream);
+                    let _ = closed_tx.send(());
+                });
+            }
+        });
+        ClosingRuntime {
+            addr,
+            close,
+            closed,
+        }
+    }
+
+    /// Closes the connections answered so far and waits for `n` of them to be closed.
+    async fn close_idle(&mut self, n: usize) {
+        self.close.send_modify(|generation| *generation += 1);
+        for _ in 0..n {
+            within("the runtime's close", self.closed.recv())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// The pool taskgate used before retried a request whose pooled connection the runtime had
+/// closed while idle; the runtime connection a client connection keeps must be replaced the
+/// same way, or the next request on that client connection is a 502.
+#[tokio::test]
+async fn a_runtime_connection_closed_while_idle_is_replaced_for_the_next_request() {
+    let mut runtime = ClosingRuntime::start().await;
+    let proxy = Proxy::start(&format!("http://{}", runtime.addr)).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for round in 0..3 {
+        let request = Request::get("/session")
+            .header(http::header::HOST, "t")
+            .body(Body::empty())
+            .unwrap();
+        let response = within("the response", sender.send_request(request))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {round}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        runtime.close_idle(1).await;
+    }
+}
+
+/// The same for a runtime connection a client connection left idle when it ended: the next
+/// client connection takes it, finds it closed (hyper hands the request back unsent), and
+/// sends the request on a new one.
+#[tokio::test]
+async fn a_spare_runtime_connection_closed_while_idle_is_replaced() {
+    let mut runtime = ClosingRuntime::start().await;
+    let proxy = Proxy::start(&format!("http://{}", runtime.addr)).await;
+    for round in 0..3 {
+        let raw = support::raw_exchange(
+            proxy.addr,
+            b"GET /session HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let (head, body) = support::split_response(&raw);
+        assert!(head.starts_with("HTTP/1.1 200"), "request {round}: {head}");
+        assert_eq!(body, b"ok");
+        runtime.close_idle(1).await;
+    }
+}
+
+/// The benchmark's 502 (docs/performance.md): when `wrk` ended a run with requests in flight,
+/// the runtime connection of an abandoned request was used again and the next request on it
+/// failed. A client connection that leaves with its request in flight must not spoil a runtime
+/// connection for anyone else.
+#[tokio::test]
+async fn an_abandoned_request_does_not_break_the_next_one() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start(|_req| async { Response::new(Body::from("ok")) }).await;
+    let proxy = Proxy::start(&upstream.url()).await;
+    for round in 0..5 {
+        // Sent and abandoned at once: the client closes before any answer can come.
+        let mut abandoned = TcpStream::connect(proxy.addr).await.unwrap();
+        abandoned
+            .write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        drop(abandoned);
+        let (status, body) = get(&proxy, "/next").await;
+        assert_eq!(status, StatusCode::OK, "round {round}: {body:?}");
+        assert_eq!(&body[..], b"ok");
+    }
+}

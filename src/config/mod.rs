@@ -145,7 +145,7 @@ pub struct ProxyConfig {
     /// connection is closed. Ends slow-header ("slowloris") clients.
     pub header_read_timeout: HumanDuration,
     /// A kept-alive client connection with no request in flight is closed after this long
-    /// (hyper's header timer, which also runs while a connection waits for its next request,
+    /// (the header timeout, which also runs while a connection waits for its next request,
     /// closes it first when `header_read_timeout` is shorter).
     pub idle_timeout: HumanDuration,
     /// Most client connections served at once; beyond it new connections wait in the listen

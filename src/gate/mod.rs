@@ -110,27 +110,37 @@ impl Gate {
         if !config.enabled {
             return None;
         }
-        let directory = directory(uri, headers);
-        let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
-        let surface = match (method, segments.as_slice()) {
+        // The routes have at most four segments; the path is split without allocating and the
+        // directory read only for a route that needs it, since this runs on every request.
+        let mut segments = [""; 4];
+        let mut count = 0;
+        for segment in uri.path().trim_matches('/').split('/') {
+            let slot = segments.get_mut(count)?;
+            *slot = segment;
+            count += 1;
+        }
+        let directory = || directory(uri, headers);
+        let surface = match (method, &segments[..count]) {
             (&Method::GET, ["event"]) if config.events => Surface::Events {
-                directory,
+                directory: directory(),
                 global: false,
             },
             (&Method::GET, ["global", "event"]) if config.events => Surface::Events {
                 directory: None,
                 global: true,
             },
-            (&Method::GET, ["session", "status"]) if config.status => Surface::Status { directory },
+            (&Method::GET, ["session", "status"]) if config.status => Surface::Status {
+                directory: directory(),
+            },
             (&Method::POST, ["session", id, "message"]) if config.prompt => {
                 Surface::Prompt(SessionRef {
                     id: decode(id),
-                    directory,
+                    directory: directory(),
                 })
             }
             (&Method::POST, ["session", id, "prompt_async"]) => Surface::Accept(SessionRef {
                 id: decode(id),
-                directory,
+                directory: directory(),
             }),
             (&Method::GET, ["session", _, "message"]) if config.history => {
                 Surface::History { single: false }

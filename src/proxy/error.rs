@@ -24,14 +24,19 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Classifies an error of the pooled client. Connect timeouts are found by walking the
-    /// source chain: hyper-util reports them as an `io::ErrorKind::TimedOut` under its
-    /// connect error.
+    /// Classifies an error of the pooled client (the health probe's, the model face's).
     pub fn from_client(err: &hyper_util::client::legacy::Error) -> ProxyError {
         if !err.is_connect() {
             return ProxyError::Protocol;
         }
-        let mut source: Option<&(dyn StdError + 'static)> = err.source();
+        ProxyError::from_connect(err)
+    }
+
+    /// Classifies a failed connect: a timeout somewhere in the source chain (hyper-util's
+    /// connector reports one as an `io::ErrorKind::TimedOut` under its connect error), or no
+    /// connection at all.
+    pub fn from_connect(err: &(dyn StdError + 'static)) -> ProxyError {
+        let mut source: Option<&(dyn StdError + 'static)> = Some(err);
         while let Some(e) = source {
             if let Some(io) = e.downcast_ref::<io::Error>() {
                 if io.kind() == io::ErrorKind::TimedOut {

@@ -1,13 +1,13 @@
 //! The request path: client request → runtime → (gate) → client, bodies streamed both ways.
 //!
 //! What is changed on the way, and nothing else:
-//! - the request target gets the runtime's scheme and authority; path and query are the client's
-//!   bytes, never decoded or re-encoded;
+//! - the request target is the client's path and query (origin form), their bytes never
+//!   decoded or re-encoded; a `CONNECT` names the runtime's authority;
 //! - hop-by-hop headers are dropped both ways ([`headers::strip_hop_by_hop`]), `X-Forwarded-*`
 //!   added when `proxy.forwarded_headers` is on;
-//! - `Host` stays as the client sent it. The pooled client only fills `Host` from the upstream
-//!   URL when the request has none, so the runtime sees the name the client used (what it would
-//!   have seen without taskgate; it only listens on loopback and does no virtual hosting);
+//! - `Host` stays as the client sent it; only a request without one gets the runtime's
+//!   authority, so the runtime sees the name the client used (what it would have seen without
+//!   taskgate; it only listens on loopback and does no virtual hosting);
 //! - `Accept-Encoding` is removed when the gate wants to read the response, so it reads identity.
 //!
 //! Framing (`Content-Length` or chunked) is re-derived by hyper from each body's size hint, which
@@ -20,24 +20,26 @@ use std::time::Instant;
 use axum::body::Body;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::Relay;
 use super::error::ProxyError;
-use super::socket::Abandon;
+use super::upstream::Pinned;
 use super::{headers, upgrade, ProxyState};
 use crate::metrics::KindLabel;
 
-/// Forwards one request and returns what the client gets. Dropping the future (the client went
-/// away) drops the upstream request, which closes that upstream connection: the runtime sees
-/// the cancellation.
+/// Forwards one request on the client connection's runtime connection (`pinned`) and returns
+/// what the client gets. Dropping the future (the client went away) drops the upstream
+/// request, and that runtime connection is closed: the runtime sees the cancellation.
 pub async fn forward(
     state: &ProxyState,
     shutdown: &CancellationToken,
     tunnels: &TaskTracker,
     forwarded_for: &HeaderValue,
+    pinned: &Pinned,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -54,26 +56,12 @@ pub async fn forward(
     let method = parts.method.clone();
     let client_uri = parts.uri.clone();
     let path = client_uri.path();
-    let mut target = http::uri::Parts::default();
-    target.scheme = Some(http::uri::Scheme::HTTP);
-    target.authority = Some(state.authority().clone());
-    target.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    parts.uri = match Uri::from_parts(target) {
-        Ok(uri) => uri,
-        // Scheme, a validated authority and a parsed path-and-query always make a URI.
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the upstream URI");
-            return finish(state, ProxyError::Protocol, &method, path, started);
-        }
-    };
+    upstream_target(&parts.method, &mut parts.uri, state.authority());
+    if !parts.headers.contains_key(header::HOST) {
+        parts.headers.insert(header::HOST, state.host().clone());
+    }
     // HTTP/1.1 upstream whatever the client spoke, so an HTTP/1.0 client's request can still use
-    // a pooled keep-alive connection; hyper answers the client in its own version.
+    // a kept-alive runtime connection; hyper answers the client in its own version.
     parts.version = http::Version::HTTP_11;
     let trailers = headers::accepts_trailers(&parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -94,17 +82,22 @@ pub async fn forward(
     if intercept.is_some() {
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
-    let body_failed = Arc::new(AtomicBool::new(false));
-    let body = Body::new(
-        Relay::new(body, metrics.bytes_to_upstream.clone()).flag_failure(body_failed.clone()),
-    );
-    let mut upstream_req = Request::from_parts(parts, body);
+    // A request without a body (most of them) has nothing to relay, count or fail: it goes
+    // out as an empty body, framed the same (both say they are at their end, of size 0).
+    let body_failed = (!body.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+    let body = match &body_failed {
+        Some(failed) => Body::new(
+            Relay::new(body, metrics.bytes_to_upstream.clone()).flag_failure(failed.clone()),
+        ),
+        None => Body::empty(),
+    };
+    let upstream_req = Request::from_parts(parts, body);
 
-    // Until the runtime answers, a client that goes away (this future dropped) aborts the
-    // upstream connection outright: see `socket::Abandon`.
-    let abandon = Abandon::arm(&mut upstream_req);
-    let result = state.client().request(upstream_req).await;
-    abandon.disarm();
+    // A client that goes away drops this future and ends its connection's task, which drops
+    // the runtime connection the request was sent on (`upstream`'s module doc).
+    let result = pinned
+        .send(state.connect(), state.spares(), upstream_req)
+        .await;
     let mut response = match result {
         Ok(response) => {
             metrics.upstream_up.set(1);
@@ -112,7 +105,7 @@ pub async fn forward(
         }
         // The client's body broke (it left mid-upload, or sent malformed chunked framing):
         // the exchange failed on the client's side, not the runtime's.
-        Err(e) if body_failed.load(Ordering::SeqCst) => {
+        Err(e) if body_failed.is_some_and(|failed| failed.load(Ordering::SeqCst)) => {
             tracing::info!(%method, %path, error = ?e, "client request body failed; request abandoned");
             return client_error(
                 state,
@@ -122,7 +115,7 @@ pub async fn forward(
             );
         }
         Err(e) => {
-            let error = ProxyError::from_client(&e);
+            let error = e.to_proxy_error();
             // A protocol error is an answer, however bad; the other two are no answer at all.
             if !matches!(error, ProxyError::Protocol) {
                 metrics.upstream_up.set(0);
@@ -174,6 +167,30 @@ pub async fn forward(
     };
     record(state, parts.status, &method, path, started);
     Response::from_parts(parts, body)
+}
+
+/// Makes `uri` the request target sent to the runtime, as hyper-util's client made it from the
+/// absolute URI this forwarder used to give it: origin form (path and query, `/` when empty),
+/// the client's bytes; authority form naming the runtime for `CONNECT`.
+fn upstream_target(method: &http::Method, uri: &mut Uri, runtime: &http::uri::Authority) {
+    if method == http::Method::CONNECT {
+        let mut target = http::uri::Parts::default();
+        target.authority = Some(runtime.clone());
+        *uri = Uri::from_parts(target).unwrap_or_default();
+        return;
+    }
+    // Almost every request is in origin form already and stays as it is.
+    if uri.scheme().is_none() && uri.authority().is_none() && uri.path_and_query().is_some() {
+        return;
+    }
+    *uri = match uri.path_and_query() {
+        Some(path) if path.as_str() != "/" => {
+            let mut target = http::uri::Parts::default();
+            target.path_and_query = Some(path.clone());
+            Uri::from_parts(target).unwrap_or_default()
+        }
+        _ => Uri::default(),
+    };
 }
 
 /// The response body as the client gets it: counted, and for an event stream, ended at

@@ -108,27 +108,29 @@ pub fn add_forwarded(headers: &mut HeaderMap, peer: &HeaderValue) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
-    let prior: Vec<&str> = headers
-        .get_all(&XFF)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let chain = if prior.is_empty() {
-        Some(peer.clone())
-    } else {
-        let peer = peer.to_str().unwrap_or_default();
-        HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).ok()
-    };
-    if let Some(chain) = chain {
-        headers.insert(XFF, chain);
-    }
-    if !headers.contains_key(&XFP) {
-        headers.insert(XFP, HeaderValue::from_static("http"));
-    }
-    if !headers.contains_key(&XFH) {
-        if let Some(host) = headers.get(header::HOST).cloned() {
-            headers.insert(XFH, host);
+    // One lookup per field (entries), since this runs on every forwarded request.
+    match headers.entry(XFF) {
+        header::Entry::Vacant(entry) => {
+            entry.insert(peer.clone());
         }
+        header::Entry::Occupied(mut entry) => {
+            let prior: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
+            let chain = if prior.is_empty() {
+                Some(peer.clone())
+            } else {
+                let peer = peer.to_str().unwrap_or_default();
+                HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).ok()
+            };
+            if let Some(chain) = chain {
+                entry.insert(chain);
+            }
+        }
+    }
+    headers
+        .entry(XFP)
+        .or_insert_with(|| HeaderValue::from_static("http"));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.entry(XFH).or_insert(host);
     }
 }
 

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::{Frame, SizeHint};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::net::{TcpListener, TcpStream};
@@ -189,6 +190,89 @@ impl Activity {
                 return;
             }
             tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// What a client connection's watchdog tells its task ([`watchdog`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Alarm {
+    /// Shutdown, or idle for `proxy.idle_timeout`: finish the exchange under way and close.
+    Close,
+    /// No request head within `proxy.header_read_timeout` of the connection being ready for
+    /// one: close now.
+    HeadTimeout,
+    /// The client's socket is in error (reset, or dead by keepalive): drop everything now.
+    Gone,
+}
+
+/// The flags a watchdog raises for its connection's task.
+#[derive(Default)]
+pub struct Alarms {
+    raised: AtomicU8,
+    waker: AtomicWaker,
+}
+
+const CLOSE: u8 = 1;
+const HEAD_TIMEOUT: u8 = 2;
+const GONE: u8 = 4;
+
+impl Alarms {
+    fn raise(&self, flag: u8) {
+        self.raised.fetch_or(flag, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// The next alarm raised (the most drastic first when several are). Cancel safe.
+    pub fn next(&self) -> impl std::future::Future<Output = Alarm> + '_ {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            match self.raised.swap(0, Ordering::AcqRel) {
+                0 => Poll::Pending,
+                raised if raised & GONE != 0 => Poll::Ready(Alarm::Gone),
+                raised if raised & HEAD_TIMEOUT != 0 => Poll::Ready(Alarm::HeadTimeout),
+                _ => Poll::Ready(Alarm::Close),
+            }
+        })
+    }
+}
+
+/// Watches one client connection for what ends it from outside: shutdown, `idle` with nothing
+/// in flight, no request head within `head` (the same wait: a connection with nothing in flight
+/// is waiting for a request head, from the first byte or none), the client's socket in error.
+/// A task of its own, so that the connection's task, woken several times per request, polls one
+/// flag instead of a cancellation token, timers and the socket's error state each time, and no
+/// header timer is armed and disarmed per request (docs/performance.md). Runs until aborted.
+pub async fn watchdog(
+    alarms: Arc<Alarms>,
+    shutdown: CancellationToken,
+    activity: Activity,
+    (idle, head): (Duration, Duration),
+    client: Arc<TcpStream>,
+    peer: std::net::SocketAddr,
+) {
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled(), if !closing => {
+                alarms.raise(CLOSE);
+                closing = true;
+            }
+            () = activity.idle_for(idle), if !closing => {
+                tracing::debug!(%peer, "closing an idle client connection");
+                alarms.raise(CLOSE);
+                closing = true;
+            }
+            () = activity.idle_for(head) => {
+                tracing::debug!(%peer, "no request head in time; closing the client connection");
+                alarms.raise(HEAD_TIMEOUT);
+                return;
+            }
+            () = super::socket::client_gone(&client) => {
+                tracing::debug!(%peer, "client connection reset; cancelling its exchange");
+                alarms.raise(GONE);
+                return;
+            }
         }
     }
 }

@@ -9,7 +9,8 @@
 //! Module map: [`headers`] (pure header policy), [`forward`] (the request path), [`body`]
 //! (metered pass-through bodies), [`upgrade`] (WebSocket tunnels), [`admin`], [`error`],
 //! [`limits`] (connection cap, idle connections, accept back-off), [`socket`] (noticing a
-//! client or runtime that is gone while nobody reads).
+//! client or runtime that is gone while nobody reads), [`upstream`] (the runtime connection
+//! each client connection forwards on).
 
 pub mod admin;
 pub mod body;
@@ -19,11 +20,11 @@ pub mod headers;
 pub mod limits;
 pub mod socket;
 pub mod upgrade;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use http::uri::Authority;
@@ -50,12 +51,7 @@ pub use error::ProxyError;
 /// The path prefix taskgate keeps for itself; requests under it never reach the runtime.
 pub const ADMIN_PREFIX: &str = "/_taskgate";
 
-/// How long a pooled upstream connection may sit idle before it is closed. Kept below common
-/// server keep-alive timeouts so the pool never hands out a connection the runtime is closing
-/// (the "connection closed before message completed" race, hyper#2136).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The pooled client used for every forwarded request and for the health probe.
+/// The pooled client of the health probe (forwarded requests use [`upstream::Pinned`]).
 pub type UpstreamClient = Client<socket::UpstreamConnector, Body>;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +73,12 @@ struct StateInner {
     /// `host:port` of the runtime, parsed once from `proxy.upstream`.
     authority: Authority,
     client: UpstreamClient,
+    /// How forwarded requests reach the runtime, and the runtime connections client
+    /// connections left idle.
+    connect: upstream::Connect,
+    spares: upstream::Spares,
+    /// `Host` for a request without one (an HTTP/1.0 client): the runtime's authority.
+    host: http::HeaderValue,
     metrics: Metrics,
     /// The request counter of each status class, "1xx" … "5xx", looked up once: finding the
     /// label set in the family took a lock and a hash on every request.
@@ -95,9 +97,9 @@ fn class_index(status: StatusCode) -> usize {
 }
 
 impl ProxyState {
-    /// Builds the pooled upstream client (TCP_NODELAY so small SSE frames are not delayed by
-    /// Nagle; connect timeout from `proxy.connect_timeout`; no response timeout, because
-    /// `POST /session/:id/message` legitimately lasts hours).
+    /// Builds how the runtime is reached: runtime connections with TCP_NODELAY (so small SSE
+    /// frames are not delayed by Nagle) and a connect timeout from `proxy.connect_timeout`; no
+    /// response timeout, because `POST /session/:id/message` legitimately lasts hours.
     pub fn new(
         config: Config,
         metrics: Metrics,
@@ -108,10 +110,24 @@ impl ProxyState {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.proxy.connect_timeout.0));
+        let connector = socket::UpstreamConnector(connector);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_idle_timeout(upstream::IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
-            .build(socket::UpstreamConnector(connector));
+            .build(connector.clone());
+        let uri = http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| ServeError::Upstream(e.to_string()))?;
+        // As hyper-util's client fills it: the port only when it is not the default one.
+        let host = match authority.port_u16() {
+            Some(80) | None => authority.host(),
+            Some(_) => authority.as_str(),
+        };
+        let host =
+            http::HeaderValue::from_str(host).map_err(|e| ServeError::Upstream(e.to_string()))?;
         let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
             metrics
                 .requests
@@ -129,6 +145,9 @@ impl ProxyState {
                 config,
                 authority,
                 client,
+                connect: upstream::Connect { connector, uri },
+                spares: upstream::Spares::default(),
+                host,
                 metrics,
                 requests,
                 durations,
@@ -165,6 +184,19 @@ impl ProxyState {
 
     pub fn authority(&self) -> &Authority {
         &self.inner.authority
+    }
+
+    pub fn connect(&self) -> &upstream::Connect {
+        &self.inner.connect
+    }
+
+    pub fn spares(&self) -> &upstream::Spares {
+        &self.inner.spares
+    }
+
+    /// `Host` for a forwarded request that has none.
+    pub fn host(&self) -> &http::HeaderValue {
+        &self.inner.host
     }
 }
 
@@ -259,62 +291,76 @@ async fn serve_connection(
     _slot: OwnedSemaphorePermit,
 ) {
     let io = socket::ClientIo::new(stream);
-    let watched = io.watch();
     let shutdown = server.shutdown.clone();
     let proxy = &server.state.config().proxy;
     let (header_read_timeout, idle_timeout) = (proxy.header_read_timeout.0, proxy.idle_timeout.0);
     let activity = limits::Activity::default();
+    let alarms = Arc::new(limits::Alarms::default());
+    let _watchdog = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(limits::watchdog(
+        alarms.clone(),
+        server.shutdown.clone(),
+        activity.clone(),
+        (idle_timeout, header_read_timeout),
+        io.watch(),
+        peer,
+    )));
     let forwarded_for = headers::forwarded_for(peer.ip());
+    let pinned = upstream::Pinned::default();
     let service = {
-        let (server, activity) = (server.clone(), activity.clone());
+        let (server, activity, pinned) = (server.clone(), activity.clone(), pinned.clone());
         service_fn(move |req: Request<Incoming>| {
-            let (server, forwarded_for) = (server.clone(), forwarded_for.clone());
+            let (server, forwarded_for, pinned) =
+                (server.clone(), forwarded_for.clone(), pinned.clone());
             let in_flight = activity.begin();
             async move {
-                let response = handle(&server, peer, &forwarded_for, req).await;
+                let response = handle(&server, peer, &forwarded_for, &pinned, req).await;
                 // Tracked as it is, not boxed once more: hyper takes any body type.
                 Ok::<_, Infallible>(response.map(|body| limits::Tracked::new(body, in_flight)))
             }
         })
     };
-    // hyper's header timer runs whenever the connection waits for a request head, from the
-    // first byte or none; it needs a timer to run at all (without one it is silently off).
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    let mut conn = std::pin::pin!(conn);
-    let mut closing = false;
-    let result = loop {
-        tokio::select! {
-            result = conn.as_mut() => break result,
-            () = shutdown.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = activity.idle_for(idle_timeout), if !closing => {
-                tracing::debug!(%peer, "closing an idle client connection");
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = socket::client_gone(&watched) => {
-                // Dropping the connection drops its in-flight request, and with it the
-                // upstream request: the runtime sees the cancellation.
-                tracing::debug!(%peer, "client connection reset; cancelling its exchange");
-                return;
+    let ended = {
+        // The header read timeout is the watchdog's, not hyper's: hyper's armed and disarmed
+        // a timer for every request.
+        let conn = hyper::server::conn::http1::Builder::new()
+            .header_read_timeout(None)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let mut conn = std::pin::pin!(conn);
+        loop {
+            tokio::select! {
+                // Biased: the client side first, then the runtime connection (which the
+                // client side may just have installed), then the watchdog's alarms.
+                biased;
+                result = conn.as_mut() => break Some(result),
+                () = std::future::poll_fn(|cx| {
+                    pinned.poll_drive(cx);
+                    std::task::Poll::Pending
+                }) => {}
+                alarm = alarms.next() => match alarm {
+                    limits::Alarm::Close => conn.as_mut().graceful_shutdown(),
+                    limits::Alarm::HeadTimeout => break Some(Ok(())),
+                    // Dropping the connection drops its in-flight request, and returning
+                    // drops the runtime connection it was sent on: the runtime sees the
+                    // cancellation.
+                    limits::Alarm::Gone => break None,
+                },
             }
         }
     };
+    let Some(result) = ended else { return };
     if let Err(e) = result {
         tracing::debug!(error = %e, %peer, "client connection ended with an error");
     }
+    // The client side is dropped now, with any response body still reading the runtime.
+    pinned.finish(server.state.spares(), &shutdown).await;
 }
 
 async fn handle(
     server: &Server,
     peer: SocketAddr,
     forwarded_for: &http::HeaderValue,
+    pinned: &upstream::Pinned,
     req: Request<Incoming>,
 ) -> Response<Body> {
     // RFC 9112 §3.2: a server MUST answer 400 to a request with more than one Host field line
@@ -342,6 +388,7 @@ async fn handle(
             &server.shutdown,
             &server.tunnels,
             forwarded_for,
+            pinned,
             req,
         )
         .await

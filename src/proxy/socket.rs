@@ -4,24 +4,21 @@
 //! reads a request body only when it is asked for the next chunk, and nobody asks while the
 //! runtime reads nothing, so the client's reset is never read and the exchange, with its
 //! upstream request, would stay open for good. [`ClientIo`] shares the client socket so that
-//! [`client_gone`] can watch for its error state independently of hyper; dropping the exchange
-//! then drops the upstream request, and [`Abandon`] aborts its connection: hyper would otherwise
-//! flush before closing, which never completes while the runtime reads nothing. The aborted
-//! [`UpstreamIo`] closes with a reset, because a FIN would queue behind bytes the runtime never
-//! reads and the runtime would never learn the request is over.
+//! [`client_gone`] can watch for its error state independently of hyper. The client
+//! connection's task then ends, and with it the runtime connection it drives
+//! (`upstream::Pinned`), at once: hyper would otherwise flush before closing, which never
+//! completes while the runtime reads nothing. An [`UpstreamIo`] dropped with a write stuck
+//! closes with a reset, because a FIN would queue behind bytes the runtime never reads and the
+//! runtime would never learn the request is over.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
-use hyper_util::client::legacy::connect::{
-    capture_connection, CaptureConnection, Connected, Connection, HttpConnector,
-};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -151,8 +148,8 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// The connector of the pooled upstream client: [`HttpConnector`], with connections that reset
-/// instead of closing when dropped with a write stuck (see the module doc).
+/// The connector of runtime connections: [`HttpConnector`], with connections that reset instead
+/// of closing when dropped with a write stuck (see the module doc).
 #[derive(Clone)]
 pub struct UpstreamConnector(pub HttpConnector);
 
@@ -171,124 +168,21 @@ impl tower::Service<http::Uri> for UpstreamConnector {
             Ok(UpstreamIo {
                 inner: connecting.await?,
                 write_stalled: false,
-                abort: Abort::default(),
             })
         })
     }
 }
 
-/// Aborts one upstream connection from outside hyper. Travels as an extra of the connection's
-/// [`Connected`] metadata, so a request can reach the connection it was given.
-#[derive(Clone, Default)]
-pub struct Abort(Arc<AbortState>);
-
-#[derive(Default)]
-struct AbortState {
-    aborted: AtomicBool,
-    /// The connection's last write is waiting for the runtime to read.
-    stalled: AtomicBool,
-    /// The connection task, waiting on a write the runtime does not read.
-    waker: AtomicWaker,
-}
-
-impl Abort {
-    fn abort(&self) {
-        self.0.aborted.store(true, Ordering::SeqCst);
-        self.0.waker.wake();
-    }
-
-    fn is_aborted(&self) -> bool {
-        self.0.aborted.load(Ordering::SeqCst)
-    }
-
-    fn is_stalled(&self) -> bool {
-        self.0.stalled.load(Ordering::SeqCst)
-    }
-}
-
-/// Held by a forward while its request is with the runtime and no response head has come.
-/// Dropped armed (the client went away, so the forward future was dropped), it takes the
-/// upstream connection the request was sent on out of the pool, and aborts it if a write on it
-/// is stuck. Only then: the runtime may have answered in full already, the connection gone
-/// back to the pool idle or even to the next request, and aborting it there failed that
-/// request with a 502 (the benchmark hit it when `wrk` ended a run with requests in flight).
-pub struct Abandon {
-    capture: CaptureConnection,
-    armed: bool,
-}
-
-impl Abandon {
-    /// Arms for `request`, which must not have been sent yet.
-    pub fn arm<B>(request: &mut http::Request<B>) -> Abandon {
-        Abandon {
-            capture: capture_connection(request),
-            armed: true,
-        }
-    }
-
-    /// The response head arrived (or the request failed): the connection is hyper's again.
-    pub fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Abandon {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Some(connected) = self.capture.connection_metadata().as_ref() {
-            connected.poison();
-            let mut extras = http::Extensions::new();
-            connected.get_extras(&mut extras);
-            if let Some(abort) = extras.get::<Abort>().filter(|a| a.is_stalled()) {
-                abort.abort();
-            }
-        }
-    }
-}
-
-fn aborted() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "request abandoned by the client",
-    )
-}
-
 /// An upstream connection that remembers whether its last write is still waiting for the
-/// runtime to read, and can be aborted (see [`Abandon`]).
+/// runtime to read: dropped so (the client went away and its exchange with it), it is reset.
 pub struct UpstreamIo {
     inner: TokioIo<TcpStream>,
     write_stalled: bool,
-    abort: Abort,
-}
-
-impl UpstreamIo {
-    /// `result` of a write: remembers a stall, and fails the write once aborted (checked after
-    /// registering for the wake-up, so an abort in between is not missed).
-    fn after_write<T>(
-        &mut self,
-        cx: &Context<'_>,
-        result: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        self.write_stalled = result.is_pending();
-        self.abort
-            .0
-            .stalled
-            .store(self.write_stalled, Ordering::SeqCst);
-        if result.is_pending() {
-            self.abort.0.waker.register(cx.waker());
-            if self.abort.is_aborted() {
-                return Poll::Ready(Err(aborted()));
-            }
-        }
-        result
-    }
 }
 
 impl Drop for UpstreamIo {
     fn drop(&mut self) {
-        if self.write_stalled || self.abort.is_aborted() {
+        if self.write_stalled {
             // Linger 0: close() sends a reset and discards the unsent bytes, so the runtime
             // sees the request end now rather than never.
             let _ = SockRef::from(self.inner.inner()).set_linger(Some(Duration::ZERO));
@@ -298,7 +192,7 @@ impl Drop for UpstreamIo {
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        self.inner.connected().extra(self.abort.clone())
+        self.inner.connected()
     }
 }
 
@@ -318,11 +212,9 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.abort.is_aborted() {
-            return Poll::Ready(Err(aborted()));
-        }
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.after_write(cx, result)
+        self.write_stalled = result.is_pending();
+        result
     }
 
     fn poll_write_vectored(
@@ -330,11 +222,9 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.abort.is_aborted() {
-            return Poll::Ready(Err(aborted()));
-        }
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.after_write(cx, result)
+        self.write_stalled = result.is_pending();
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -342,74 +232,10 @@ impl hyper::rt::Write for UpstreamIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.abort.is_aborted() {
-            return Poll::Ready(Err(aborted()));
-        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.abort.is_aborted() {
-            return Poll::Ready(Err(aborted()));
-        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
-    /// A keep-alive upstream that answers every request with `ok` at once.
-    async fn upstream() -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                        ))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        addr
-    }
-
-    /// The benchmark's 502: a forward dropped after the runtime had answered in full (the
-    /// connection back in the pool) aborted that pooled connection, and the next request
-    /// given it failed.
-    #[tokio::test]
-    async fn an_abandoned_request_the_runtime_answered_does_not_break_the_next_one() {
-        let addr = upstream().await;
-        let client: Client<UpstreamConnector, Empty<bytes::Bytes>> =
-            Client::builder(TokioExecutor::new()).build(UpstreamConnector(HttpConnector::new()));
-        let get = || {
-            http::Request::get(format!("http://{addr}/"))
-                .body(Empty::new())
-                .unwrap()
-        };
-        let mut first = get();
-        let abandon = Abandon::arm(&mut first);
-        let response = client.request(first).await.unwrap();
-        response.into_body().collect().await.unwrap();
-        // The connection is idle in the pool now; the forward is dropped before disarming.
-        drop(abandon);
-        for _ in 0..3 {
-            let response = tokio::time::timeout(Duration::from_secs(10), client.request(get()))
-                .await
-                .expect("the next request is answered")
-                .expect("the next request does not fail on an aborted connection");
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(&body[..], b"ok");
-        }
     }
 }
