@@ -282,7 +282,15 @@ async fn upstream_connections_are_pooled_across_client_connections() {
         assert!(split_response(&raw).0.starts_with("HTTP/1.1 200"));
         within("the upstream", seen.recv()).await.unwrap();
     }
-    assert_eq!(upstream.connections(), 1);
+    // A client connection leaves its runtime connection to the next one a few microseconds
+    // after its client saw the close, so a next client that is quicker than that (a thread
+    // preempted there on a loaded machine) connects afresh: one extra is allowed, not one per
+    // client connection.
+    let connections = upstream.connections();
+    assert!(
+        connections <= 2,
+        "{connections} runtime connections for 5 client connections"
+    );
 }
 
 #[tokio::test]
