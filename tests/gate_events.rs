@@ -86,6 +86,15 @@ async fn next(events: &mut mpsc::UnboundedReceiver<Value>) -> Value {
         .expect("the stream is open")
 }
 
+/// The next `n` events, described.
+async fn next_described(events: &mut mpsc::UnboundedReceiver<Value>, n: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        seen.push(describe(&next(events).await));
+    }
+    seen
+}
+
 fn status(session: &str, kind: &str) -> Value {
     json!({"type": "session.status", "properties": {"sessionID": session, "status": {"type": kind}}})
 }
@@ -135,10 +144,7 @@ async fn a_held_idle_delays_nothing_else_and_is_released_in_order_when_the_tree_
     // The child finishes and the parent answers the injected result: the tree is terminal.
     s.up.double.set(Data::all_done());
     s.up.double.emit(status(CHILD, "idle"));
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        seen.push(describe(&next(&mut s.events).await));
-    }
+    let seen = next_described(&mut s.events, 3).await;
     assert_eq!(
         seen,
         vec![
@@ -193,10 +199,7 @@ async fn a_tree_ending_releases_only_the_frames_held_on_it() {
         .insert(CHILD.to_owned(), done.messages[CHILD].clone());
     s.up.double.set(child_done);
     s.up.double.emit(status(CHILD, "idle"));
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        seen.push(describe(&next(&mut s.events).await));
-    }
+    let seen = next_described(&mut s.events, 2).await;
     assert_eq!(
         seen,
         vec![
@@ -213,10 +216,7 @@ async fn a_tree_ending_releases_only_the_frames_held_on_it() {
     );
     s.up.double.set(done);
     s.up.double.emit(status(PARENT, "idle"));
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        seen.push(describe(&next(&mut s.events).await));
-    }
+    let seen = next_described(&mut s.events, 2).await;
     assert_eq!(
         seen,
         vec![
@@ -305,10 +305,7 @@ async fn idles_held_on_many_streams_share_the_trees_reads() {
     s.up.double.set(Data::all_done());
     s.up.double.emit(status(CHILD, "idle"));
     for events in &mut streams {
-        let mut seen = Vec::new();
-        while seen.len() < 3 {
-            seen.push(describe(&next(events).await));
-        }
+        let seen = next_described(events, 3).await;
         assert_eq!(seen[2], format!("session.idle {PARENT}"));
     }
     let reads = s.up.double.reads() - before;

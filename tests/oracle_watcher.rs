@@ -272,14 +272,12 @@ async fn every_waiter_on_a_tree_is_released_from_one_closing_read() {
         up.double.reads() == connect_reads + 2
     })
     .await;
-    let seq = oracle.watch_state().seq();
-    up.double.emit(
+    emit_taken(
+        &oracle,
+        &up,
         json!({"type": "session.updated", "properties": {"sessionID": CHILD,
         "info": {"id": CHILD, "parentID": PARENT}}}),
-    );
-    eventually("the event taken in", PATIENCE, || {
-        oracle.watch_state().seq() > seq
-    })
+    )
     .await;
     *up.double.status_gate.lock().unwrap() = None;
     open.send_replace(true);
@@ -449,6 +447,16 @@ async fn an_unreachable_runtime_ends_the_wait_with_an_error_after_the_unreadable
     }
 }
 
+/// Sends `event` on the runtime's stream and waits until the oracle's watcher took it in.
+async fn emit_taken(oracle: &Oracle, up: &Upstream, event: serde_json::Value) {
+    let seq = oracle.watch_state().seq();
+    up.double.emit(event);
+    eventually("the watcher took the event", PATIENCE, || {
+        oracle.watch_state().seq() > seq
+    })
+    .await;
+}
+
 fn session(id: &str) -> SessionRef {
     SessionRef {
         id: id.to_owned(),
@@ -485,13 +493,12 @@ async fn a_busy_event_after_the_shared_status_map_was_read_forces_a_fresh_one() 
     let mut busy = Data::all_done();
     busy.statuses = Data::child_busy().statuses;
     up.double.set(busy);
-    let seq = oracle.watch_state().seq();
-    up.double
-        .emit(json!({"id": "evt_1", "type": "session.status",
-        "properties": {"sessionID": CHILD, "status": {"type": "busy"}}}));
-    eventually("the watcher took the event", PATIENCE, || {
-        oracle.watch_state().seq() > seq
-    })
+    emit_taken(
+        &oracle,
+        &up,
+        json!({"id": "evt_1", "type": "session.status",
+        "properties": {"sessionID": CHILD, "status": {"type": "busy"}}}),
+    )
     .await;
 
     let parent = oracle.decide(&root()).await;
@@ -636,13 +643,12 @@ async fn an_event_during_a_read_on_a_shared_map_reads_only_the_map_again() {
     let mut busy = Data::all_done();
     busy.statuses = json!({PARENT: {"type": "busy"}});
     up.double.set(busy);
-    let seq = oracle.watch_state().seq();
-    up.double
-        .emit(json!({"id": "evt_busy", "type": "session.status",
-        "properties": {"sessionID": PARENT, "status": {"type": "busy"}}}));
-    eventually("the watcher took the event", PATIENCE, || {
-        oracle.watch_state().seq() > seq
-    })
+    emit_taken(
+        &oracle,
+        &up,
+        json!({"id": "evt_busy", "type": "session.status",
+        "properties": {"sessionID": PARENT, "status": {"type": "busy"}}}),
+    )
     .await;
     open.send(true).unwrap();
 
