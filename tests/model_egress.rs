@@ -6,82 +6,28 @@
 //! - `HTTP_PROXY`/`HTTPS_PROXY` send provider requests through a `CONNECT` tunnel (with the
 //!   proxy URL's credentials); `NO_PROXY` keeps a host direct.
 
+#[path = "support/model_serve.rs"]
+mod model_serve;
+
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use model_serve::serve_model_face;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 
 /// Bound on each wait (a hang, not a timing margin).
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// `GET /openai-chat/models` through a `taskgate serve` whose OpenAI-chat provider is
 /// `provider`, started with `env` (every proxy and certificate variable of the test's own
 /// environment removed) and stopped afterwards: the status and the whole reply.
 async fn models_via_face(provider: &str, env: &[(&str, &str)]) -> (u16, String) {
-    let face = free_port();
-    let mut taskgate = serve(face, provider, env).await;
-    let answer = get_models(face).await;
-    taskgate.kill().await.unwrap();
+    let mut taskgate = serve_model_face(provider, env).await;
+    let answer = get_models(taskgate.face).await;
+    taskgate.child.kill().await.unwrap();
     answer
-}
-
-/// `taskgate serve` with the model face on `face` (see [`models_via_face`]).
-async fn serve(face: SocketAddr, provider: &str, env: &[(&str, &str)]) -> Child {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[proxy]\nlisten = \"{}\"\n[gate]\nenabled = false\n[model]\nenabled = true\nlisten = \"{face}\"\nopenai_chat = \"{provider}\"\n",
-            free_port()
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskgate"));
-    cmd.arg("serve").arg("--config").arg(&path);
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "NO_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "no_proxy",
-        "SSL_CERT_FILE",
-        "SSL_CERT_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
-    let child = cmd
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while TcpStream::connect(face).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the model face never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
-    }
-    // The file is read at start; the folder may go.
-    drop(dir);
-    child
 }
 
 /// `GET http://face/openai-chat/models`: the status and the body.

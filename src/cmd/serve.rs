@@ -34,14 +34,16 @@ pub async fn run(common: CommonArgs) -> ExitCode {
     // `[model] enabled`: the model face runs beside the client face, on its own listener, and
     // stops with it.
     let model = if config.model.enabled {
-        let listen = config.model.listen;
-        match tokio::net::TcpListener::bind(listen).await {
+        let configured = config.model.listen;
+        match tokio::net::TcpListener::bind(configured).await {
             Ok(l) => {
+                // The bound address, as for the client face (`model.listen` may name port 0).
+                let listen = l.local_addr().unwrap_or(configured);
                 tracing::info!(%listen, "model face serving");
                 Some(l)
             }
             Err(e) => {
-                say!("taskgate: cannot listen on {listen} (model.listen): {e}");
+                say!("taskgate: cannot listen on {configured} (model.listen): {e}");
                 return ExitCode::from(1);
             }
         }
