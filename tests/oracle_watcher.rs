@@ -211,7 +211,9 @@ fn done_saying(text: &str) -> Data {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_background_tree_must_still_be_terminal_when_the_settle_window_ends() {
     let up = Upstream::start(done_saying("first look"), None).await;
-    let (oracle, shutdown) = watching_oracle(&up, "1h", "300ms").await;
+    // The window counts from the tree's last change, here the watcher's connect just before:
+    // long enough that the first read still falls inside it on a loaded machine.
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "1s").await;
     assert_eq!(up.double.reads(), 1);
     let waiter = {
         let oracle = oracle.clone();
@@ -252,7 +254,9 @@ async fn a_background_tree_must_still_be_terminal_when_the_settle_window_ends() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_waiter_on_a_tree_is_released_from_one_closing_read() {
     let up = Upstream::start(Data::all_done(), None).await;
-    let (oracle, shutdown) = watching_oracle(&up, "1h", "200ms").await;
+    // The window counts from the watcher's connect just before: long enough that the first
+    // read still falls inside it on a loaded machine.
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "1s").await;
     let connect_reads = up.double.reads();
     let waiters: Vec<_> = (0..50)
         .map(|_| {
@@ -293,6 +297,61 @@ async fn every_waiter_on_a_tree_is_released_from_one_closing_read() {
         up.double.reads(),
         connect_reads + 2,
         "the first read and one closing read, however many wait"
+    );
+    shutdown.cancel();
+}
+
+/// The bug this pins: the settle window was counted from taskgate's first terminal read, not
+/// from when the tree came to rest. Under load that read came late (after a burst of other
+/// releases), and every tree waited the whole window again on top, about half a second past
+/// settle for the last of 100 trees (docs/performance.md). A tree the watcher has seen quiet
+/// for the window before the wait began needs no second read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_at_rest_for_the_settle_window_before_the_wait_is_released_from_one_read() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "200ms").await;
+    let connect_reads = up.double.reads();
+    // The tree stays quiet for twice the window (the time passing is what is tested).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let d = tokio::time::timeout(PATIENCE, oracle.wait_terminal(&root(), None))
+        .await
+        .expect("the quiet tree was released")
+        .unwrap();
+    assert_eq!(d.verdict.name(), "completed");
+    assert!(d.background, "a tree the settle window applies to");
+    assert_eq!(
+        up.double.reads(),
+        connect_reads + 1,
+        "one read: the tree was quiet for the window before it"
+    );
+    shutdown.cancel();
+}
+
+/// The watcher's events are behind the runtime (they still show the child working while a read
+/// finds it idle): it cannot vouch that the tree was quiet, so the window counts from the read
+/// and the closing re-read comes after it, however long ago the last event it took in was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_behind_the_runtime_do_not_shorten_the_settle_window() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let (oracle, shutdown) = watching_oracle(&up, "1h", "200ms").await;
+    emit_taken(
+        &oracle,
+        &up,
+        json!({"type": "session.status",
+        "properties": {"sessionID": CHILD, "status": {"type": "busy"}}}),
+    )
+    .await;
+    let connect_reads = up.double.reads();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let d = tokio::time::timeout(PATIENCE, oracle.wait_terminal(&root(), None))
+        .await
+        .expect("the tree was released")
+        .unwrap();
+    assert_eq!(d.verdict.name(), "completed");
+    assert_eq!(
+        up.double.reads(),
+        connect_reads + 2,
+        "the first read and the closing re-read after the window"
     );
     shutdown.cancel();
 }

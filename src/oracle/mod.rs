@@ -718,10 +718,19 @@ impl Oracle {
                             Some(unix_ms().saturating_add(left).div_ceil(1000) * 1000);
                     }
                 }
-                let terminal_since = decision
-                    .verdict
-                    .is_terminal()
-                    .then(|| previous_terminal.unwrap_or(started));
+                // The settle window counts from when the tree came to rest, as the watcher saw
+                // the runtime's events: a tree already quiet when this read began (no change
+                // since, with the event stream open throughout) has been terminal since then.
+                // Otherwise, and whenever the watcher cannot vouch for it, from this read.
+                let terminal_since = decision.verdict.is_terminal().then(|| {
+                    previous_terminal.unwrap_or_else(|| {
+                        self.inner
+                            .state
+                            .quiet_since(&tree.ids)
+                            .filter(|quiet| *quiet <= started)
+                            .unwrap_or(started)
+                    })
+                });
                 Reading {
                     started,
                     seq,

@@ -77,6 +77,12 @@ pub struct WatchState {
     reset_at: AtomicU64,
     /// Wakes every waiter, for a reconnect only (everything may be stale).
     changed: watch::Sender<u64>,
+    /// Since when the event stream has been open; `None` while it is not. Only while it is
+    /// open does silence about a session mean that nothing happened to it.
+    open_since: Mutex<Option<Instant>>,
+    /// The latest change of a session forgotten to bound memory: what the watcher can no
+    /// longer tell about it is no later than this.
+    forgotten_until: Mutex<Option<Instant>>,
     /// Per session, the waiters of the trees it is part of; an event for a session wakes its
     /// own and its parent's.
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
@@ -91,6 +97,8 @@ impl Default for WatchState {
             seq: AtomicU64::new(0),
             reset_at: AtomicU64::new(0),
             changed: watch::channel(0).0,
+            open_since: Mutex::new(None),
+            forgotten_until: Mutex::new(None),
             wakers: Mutex::new(HashMap::new()),
         }
     }
@@ -171,6 +179,7 @@ impl WatchState {
         let seq = self.bump();
         if let Some(s) = self.sessions().get_mut(session) {
             s.seq = seq;
+            s.changed_at = Some(Instant::now());
         }
         self.wake(&[session]);
     }
@@ -180,7 +189,11 @@ impl WatchState {
     /// taken before counts as stale for it.
     pub fn prompt_answered(&self, session: &str) {
         let seq = self.bump();
-        self.sessions().entry(session.to_owned()).or_default().seq = seq;
+        let mut sessions = self.sessions();
+        let s = sessions.entry(session.to_owned()).or_default();
+        s.seq = seq;
+        s.changed_at = Some(Instant::now());
+        drop(sessions);
         self.wake(&[session]);
     }
 
@@ -233,6 +246,46 @@ impl WatchState {
         let seq = self.bump();
         self.reset_at.store(seq, Ordering::SeqCst);
         self.changed.send_replace(seq);
+    }
+
+    /// The event stream is open (and the status map re-read): from now on every change is seen.
+    fn stream_opened(&self) {
+        *self.open_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.reset();
+    }
+
+    /// The event stream broke: changes may go unseen until it is open again.
+    fn stream_closed(&self) {
+        *self.open_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.reset();
+    }
+
+    /// Since when none of `ids` has changed in a way that can move a verdict, as far as the
+    /// watcher can vouch for it: the latest such change it took in for any of them, or when
+    /// its event stream opened if later. `None` when it cannot vouch: the stream is not open,
+    /// or some session is still busy by its events while a read found the tree at rest (its
+    /// events are behind the runtime, so the change that ended the work is not in yet).
+    pub fn quiet_since(&self, ids: &[String]) -> Option<Instant> {
+        let mut since = (*self.open_since.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let sessions = self.sessions();
+        if let Some(forgotten) = *self
+            .forgotten_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            since = since.max(forgotten);
+        }
+        for id in ids {
+            if let Some(s) = sessions.get(id) {
+                if s.busy_since_ms.is_some() {
+                    return None;
+                }
+                if let Some(at) = s.changed_at {
+                    since = since.max(at);
+                }
+            }
+        }
+        Some(since)
     }
 
     /// Takes in one runtime event.
@@ -294,7 +347,12 @@ impl WatchState {
                 }
             }
             if sessions.len() > MAX_SESSIONS {
-                forget_oldest_half(&mut sessions);
+                let forgotten = forget_oldest_half(&mut sessions);
+                let mut until = self
+                    .forgotten_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                *until = (*until).max(forgotten);
             }
             parent
         };
@@ -338,12 +396,21 @@ impl WatchState {
 }
 
 /// Keeps the half of `sessions` changed most recently.
-fn forget_oldest_half(sessions: &mut HashMap<String, SessionState>) {
+/// Returns the latest change of the sessions it forgot.
+fn forget_oldest_half(sessions: &mut HashMap<String, SessionState>) -> Option<Instant> {
     let mut seqs: Vec<u64> = sessions.values().map(|s| s.seq).collect();
     let middle = seqs.len() / 2;
     let (_, cut, _) = seqs.select_nth_unstable(middle);
     let cut = *cut;
-    sessions.retain(|_, s| s.seq > cut);
+    let mut latest = None;
+    sessions.retain(|_, s| {
+        let keep = s.seq > cut;
+        if !keep {
+            latest = latest.max(s.changed_at);
+        }
+        keep
+    });
+    latest
 }
 
 /// Holds the `/global/event` subscription until `shutdown`: reconnects with exponential
@@ -370,7 +437,7 @@ pub async fn run(
                     Ok(map) => state.record_statuses(&map),
                     Err(e) => tracing::warn!("oracle: status re-read after connect failed: {e}"),
                 }
-                state.reset();
+                state.stream_opened();
                 let mut body = response.into_body();
                 let mut decoder = SseDecoder::new();
                 loop {
@@ -399,7 +466,7 @@ pub async fn run(
                         }
                     }
                 }
-                state.reset();
+                state.stream_closed();
             }
             Err(e @ super::client::ClientError::Unauthorized { .. }) => {
                 if !std::mem::replace(&mut told_refused, true) {
