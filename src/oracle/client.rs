@@ -56,22 +56,30 @@ pub struct RuntimeClient {
     /// The runtime answered the last read 401 (shown by `/_taskgate/health`).
     refused: Arc<AtomicBool>,
     timeout: Duration,
+    /// Kept to build a pool of connections for the watcher ([`RuntimeClient::with_own_connections`]).
+    connect_timeout: Duration,
+}
+
+/// A pool of connections to the runtime.
+fn pool(connect_timeout: Duration) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    // Held waiters can make hundreds of reads at once; afterwards their connections must
+    // not all stay open for good. Keep a few idle ones for the next round of reads, close
+    // the rest when they come back, and close any idle for 30 s (below common keep-alive
+    // limits, so the pool never hands out one the runtime is closing, hyper#2136).
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(16)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector)
 }
 
 impl RuntimeClient {
     pub fn new(config: &Config) -> RuntimeClient {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.proxy.connect_timeout.0));
-        connector.set_nodelay(true);
-        // Held waiters can make hundreds of reads at once; afterwards their connections must
-        // not all stay open for good. Keep a few idle ones for the next round of reads, close
-        // the rest when they come back, and close any idle for 30 s (below common keep-alive
-        // limits, so the pool never hands out one the runtime is closing, hyper#2136).
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(16)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
+        let connect_timeout = config.proxy.connect_timeout.0;
+        let client = pool(connect_timeout);
         let authorization = config.upstream_auth.password.as_ref().and_then(|password| {
             let token = base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{password}", config.upstream_auth.username));
@@ -84,6 +92,17 @@ impl RuntimeClient {
             learned: Arc::default(),
             refused: Arc::default(),
             timeout: config.oracle.request_timeout.0,
+            connect_timeout,
+        }
+    }
+
+    /// The same runtime and credentials (learned ones included) on a pool of its own. The
+    /// watcher runs on a thread of its own, whose runtime drives its connections; sharing the
+    /// readers' pool would hand readers connections driven there, or the watcher theirs.
+    pub fn with_own_connections(&self) -> RuntimeClient {
+        RuntimeClient {
+            client: pool(self.connect_timeout),
+            ..self.clone()
         }
     }
 

@@ -282,12 +282,41 @@ impl Oracle {
             return;
         }
         let inner = self.inner.clone();
-        tokio::spawn(watcher::run(
-            inner.client.clone(),
+        // The watcher runs on a thread of its own. When held claims are released by the
+        // thousand, the workers are busy relaying them; the watcher's task queued behind them
+        // took in the runtime's events up to 0.7 s late, and every tree's settle window and
+        // closing read came that much later (docs/performance.md). On its own thread the
+        // kernel schedules it like any waking thread. It stops with `shutdown`, or when the
+        // runtime that started it ends (a test's, say), whichever comes first.
+        let stop = CancellationToken::new();
+        let watch = watcher::run(
+            inner.client.with_own_connections(),
             inner.state.clone(),
-            shutdown.clone(),
-        ));
+            stop.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("taskgate-watcher".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(watch),
+                    Err(e) => tracing::error!("oracle: cannot start the watcher's runtime: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(
+                "oracle: cannot start the watcher's thread ({e}); it runs with the rest"
+            );
+            tokio::spawn(watcher::run(
+                inner.client.clone(),
+                inner.state.clone(),
+                stop.clone(),
+            ));
+        }
         tokio::spawn(async move {
+            let _stop_watcher = stop.drop_guard();
             shutdown.cancelled().await;
             inner.shutdown.cancel();
         });
