@@ -115,6 +115,48 @@ async fn reconnects_after_the_event_stream_drops_and_events_still_wake_waiters()
     shutdown.cancel();
 }
 
+/// The watcher runs on a thread of its own: it must still end with the oracle's shutdown, not
+/// reconnect to the runtime for ever. (Not reconnecting is watched for 20 backoff steps.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchers_thread_ends_with_the_shutdown() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let (_oracle, shutdown) = watching_oracle(&up, "1h", "50ms").await;
+    shutdown.cancel();
+    up.double.drop_streams();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        up.double.connects(),
+        1,
+        "the watcher reconnected after shutdown"
+    );
+}
+
+/// The same when the async runtime that started the oracle ends without a shutdown (a test's,
+/// or an embedding program's): the watcher's thread goes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchers_thread_ends_with_the_runtime_that_started_it() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let (url, double) = (up.url.clone(), up.double.clone());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let oracle = Oracle::new(&config(&url, "1h", "50ms"));
+            // Never cancelled.
+            oracle.start(CancellationToken::new());
+            eventually("the first connect", PATIENCE, || double.connects() == 1).await;
+        });
+    })
+    .join()
+    .unwrap();
+    up.double.drop_streams();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        up.double.connects(),
+        1,
+        "the watcher outlived the runtime that started it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_map_outage_is_unknown_and_never_completed() {
     let up = Upstream::start(Data::all_done(), None).await;
