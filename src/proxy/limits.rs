@@ -223,17 +223,15 @@ impl Alarms {
         self.waker.wake();
     }
 
-    /// The next alarm raised (the most drastic first when several are). Cancel safe.
-    pub fn next(&self) -> impl std::future::Future<Output = Alarm> + '_ {
-        std::future::poll_fn(|cx| {
-            self.waker.register(cx.waker());
-            match self.raised.swap(0, Ordering::AcqRel) {
-                0 => Poll::Pending,
-                raised if raised & GONE != 0 => Poll::Ready(Alarm::Gone),
-                raised if raised & HEAD_TIMEOUT != 0 => Poll::Ready(Alarm::HeadTimeout),
-                _ => Poll::Ready(Alarm::Close),
-            }
-        })
+    /// The next alarm raised (the most drastic first when several are).
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Alarm> {
+        self.waker.register(cx.waker());
+        match self.raised.swap(0, Ordering::AcqRel) {
+            0 => Poll::Pending,
+            raised if raised & GONE != 0 => Poll::Ready(Alarm::Gone),
+            raised if raised & HEAD_TIMEOUT != 0 => Poll::Ready(Alarm::HeadTimeout),
+            _ => Poll::Ready(Alarm::Close),
+        }
     }
 }
 

@@ -18,13 +18,16 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod limits;
+mod repoll;
 pub mod socket;
 pub mod upgrade;
 pub mod upstream;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 
 use axum::body::Body;
 use http::uri::Authority;
@@ -327,26 +330,32 @@ async fn serve_connection(
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let mut conn = std::pin::pin!(conn);
-        loop {
-            tokio::select! {
-                // Biased: the client side first, then the runtime connection (which the
-                // client side may just have installed), then the watchdog's alarms.
-                biased;
-                result = conn.as_mut() => break Some(result),
-                () = std::future::poll_fn(|cx| {
-                    pinned.poll_drive(cx);
-                    std::task::Poll::Pending
-                }) => {}
-                alarm = alarms.next() => match alarm {
-                    limits::Alarm::Close => conn.as_mut().graceful_shutdown(),
-                    limits::Alarm::HeadTimeout => break Some(Ok(())),
+        let repoll = Arc::new(repoll::Repoll::default());
+        std::future::poll_fn(|cx| {
+            repoll.poll(cx, |cx| {
+                // The client side first, then the runtime connection (which the client side
+                // may just have installed or sent on), then the watchdog's alarms.
+                if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Some(result));
+                }
+                pinned.poll_drive(cx);
+                match alarms.poll_next(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(limits::Alarm::Close) => {
+                        conn.as_mut().graceful_shutdown();
+                        // Polled again at once: the shutdown may end the connection now.
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
+                    Poll::Ready(limits::Alarm::HeadTimeout) => Poll::Ready(Some(Ok(()))),
                     // Dropping the connection drops its in-flight request, and returning
                     // drops the runtime connection it was sent on: the runtime sees the
                     // cancellation.
-                    limits::Alarm::Gone => break None,
-                },
-            }
-        }
+                    Poll::Ready(limits::Alarm::Gone) => Poll::Ready(None),
+                }
+            })
+        })
+        .await
     };
     let Some(result) = ended else { return };
     if let Err(e) = result {
