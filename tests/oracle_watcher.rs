@@ -116,19 +116,13 @@ async fn reconnects_after_the_event_stream_drops_and_events_still_wake_waiters()
 }
 
 /// The watcher runs on a thread of its own: it must still end with the oracle's shutdown, not
-/// reconnect to the runtime for ever. (Not reconnecting is watched for 20 backoff steps.)
+/// reconnect to the runtime for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watchers_thread_ends_with_the_shutdown() {
     let up = Upstream::start(Data::all_done(), None).await;
     let (_oracle, shutdown) = watching_oracle(&up, "1h", "50ms").await;
     shutdown.cancel();
-    up.double.drop_streams();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        up.double.connects(),
-        1,
-        "the watcher reconnected after shutdown"
-    );
+    assert_no_reconnect(&up, "the watcher reconnected after shutdown").await;
 }
 
 /// The same when the async runtime that started the oracle ends without a shutdown (a test's,
@@ -148,13 +142,15 @@ async fn the_watchers_thread_ends_with_the_runtime_that_started_it() {
     })
     .join()
     .unwrap();
+    assert_no_reconnect(&up, "the watcher outlived the runtime that started it").await;
+}
+
+/// Ends the event stream of `up` and watches for 2 s (20 backoff steps) that no watcher
+/// connects again.
+async fn assert_no_reconnect(up: &Upstream, why: &str) {
     up.double.drop_streams();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        up.double.connects(),
-        1,
-        "the watcher outlived the runtime that started it"
-    );
+    assert_eq!(up.double.connects(), 1, "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,21 +348,26 @@ async fn every_waiter_on_a_tree_is_released_from_one_closing_read() {
 async fn a_tree_at_rest_for_the_settle_window_before_the_wait_is_released_from_one_read() {
     let up = Upstream::start(Data::all_done(), None).await;
     let (oracle, shutdown) = watching_oracle(&up, "1h", "200ms").await;
-    let connect_reads = up.double.reads();
-    // The tree stays quiet for twice the window (the time passing is what is tested).
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let d = tokio::time::timeout(PATIENCE, oracle.wait_terminal(&root(), None))
-        .await
-        .expect("the quiet tree was released")
-        .unwrap();
-    assert_eq!(d.verdict.name(), "completed");
+    let (d, reads) = wait_after_quiet(&oracle, &up).await;
     assert!(d.background, "a tree the settle window applies to");
     assert_eq!(
-        up.double.reads(),
-        connect_reads + 1,
+        reads, 1,
         "one read: the tree was quiet for the window before it"
     );
     shutdown.cancel();
+}
+
+/// Leaves the tree quiet for twice the 200 ms settle window (the time passing is what is
+/// tested), then waits for it: the completed decision and the status reads the wait made.
+async fn wait_after_quiet(oracle: &Oracle, up: &Upstream) -> (taskgate::oracle::Decision, usize) {
+    let before = up.double.reads();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let d = tokio::time::timeout(PATIENCE, oracle.wait_terminal(&root(), None))
+        .await
+        .expect("the tree was released")
+        .unwrap();
+    assert_eq!(d.verdict.name(), "completed");
+    (d, up.double.reads() - before)
 }
 
 /// The watcher's events are behind the runtime (they still show the child working while a read
@@ -383,16 +384,9 @@ async fn events_behind_the_runtime_do_not_shorten_the_settle_window() {
         "properties": {"sessionID": CHILD, "status": {"type": "busy"}}}),
     )
     .await;
-    let connect_reads = up.double.reads();
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let d = tokio::time::timeout(PATIENCE, oracle.wait_terminal(&root(), None))
-        .await
-        .expect("the tree was released")
-        .unwrap();
-    assert_eq!(d.verdict.name(), "completed");
+    let (_, reads) = wait_after_quiet(&oracle, &up).await;
     assert_eq!(
-        up.double.reads(),
-        connect_reads + 2,
+        reads, 2,
         "the first read and the closing re-read after the window"
     );
     shutdown.cancel();
