@@ -95,6 +95,15 @@ async fn next_described(events: &mut mpsc::UnboundedReceiver<Value>, n: usize) -
     seen
 }
 
+/// How a session's two held idles read once released, in their order: `session.idle`, then
+/// the `session.status` idle.
+fn idles_of(session: &str) -> Vec<String> {
+    vec![
+        format!("session.idle {session}"),
+        format!("session.status {session}"),
+    ]
+}
+
 fn status(session: &str, kind: &str) -> Value {
     json!({"type": "session.status", "properties": {"sessionID": session, "status": {"type": kind}}})
 }
@@ -199,13 +208,9 @@ async fn a_tree_ending_releases_only_the_frames_held_on_it() {
         .insert(CHILD.to_owned(), done.messages[CHILD].clone());
     s.up.double.set(child_done);
     s.up.double.emit(status(CHILD, "idle"));
-    let seen = next_described(&mut s.events, 2).await;
     assert_eq!(
-        seen,
-        vec![
-            format!("session.idle {CHILD}"),
-            format!("session.status {CHILD}")
-        ],
+        next_described(&mut s.events, 2).await,
+        idles_of(CHILD),
         "the child's tree ended: its idles come out, in order"
     );
     s.up.double.emit(heartbeat());
@@ -216,14 +221,7 @@ async fn a_tree_ending_releases_only_the_frames_held_on_it() {
     );
     s.up.double.set(done);
     s.up.double.emit(status(PARENT, "idle"));
-    let seen = next_described(&mut s.events, 2).await;
-    assert_eq!(
-        seen,
-        vec![
-            format!("session.idle {PARENT}"),
-            format!("session.status {PARENT}")
-        ]
-    );
+    assert_eq!(next_described(&mut s.events, 2).await, idles_of(PARENT));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,6 +55,15 @@ pub struct SessionState {
     changed_at: Option<Instant>,
 }
 
+impl SessionState {
+    /// A verdict-relevant change, numbered `seq`, seen now. The number and the time go
+    /// together: reads go stale by the one, settle windows count from the other.
+    fn changed(&mut self, seq: u64) {
+        self.seq = seq;
+        self.changed_at = Some(Instant::now());
+    }
+}
+
 /// A prompt accepted through taskgate, not yet seen started.
 #[derive(Debug, Clone, Copy)]
 struct Accepted {
@@ -178,8 +187,7 @@ impl WatchState {
         );
         let seq = self.bump();
         if let Some(s) = self.sessions().get_mut(session) {
-            s.seq = seq;
-            s.changed_at = Some(Instant::now());
+            s.changed(seq);
         }
         self.wake(&[session]);
     }
@@ -189,11 +197,10 @@ impl WatchState {
     /// taken before counts as stale for it.
     pub fn prompt_answered(&self, session: &str) {
         let seq = self.bump();
-        let mut sessions = self.sessions();
-        let s = sessions.entry(session.to_owned()).or_default();
-        s.seq = seq;
-        s.changed_at = Some(Instant::now());
-        drop(sessions);
+        self.sessions()
+            .entry(session.to_owned())
+            .or_default()
+            .changed(seq);
         self.wake(&[session]);
     }
 
@@ -324,8 +331,7 @@ impl WatchState {
                 s.parent = Some(parent.clone());
             }
             if relevant {
-                s.seq = seq;
-                s.changed_at = Some(Instant::now());
+                s.changed(seq);
             }
             let parent = s.parent.clone();
             if let Some(parent) = parent.clone() {
@@ -335,8 +341,7 @@ impl WatchState {
                 }
                 // A new or changed child changes its parent's tree too.
                 if relevant {
-                    p.seq = seq;
-                    p.changed_at = Some(Instant::now());
+                    p.changed(seq);
                 }
             }
             if event.kind() == "session.deleted" {
