@@ -291,6 +291,24 @@ fn the_launcher_passes_taskgates_exit_code_through() {
 /// `taskgate serve` started through the launcher (`node_modules/.bin/taskgate`, as a supervisor
 /// or a package script runs it), with its stderr, once it says it is serving.
 fn serve_through_the_launcher() -> (std::process::Child, mpsc::Receiver<String>) {
+    let (mut child, stderr) = spawn_the_launcher();
+    // taskgate logs every few seconds while the runtime cannot be reached, so the deadline is
+    // for the whole wait, not for each line.
+    let end = std::time::Instant::now() + DEADLINE;
+    loop {
+        match stderr.recv_timeout(end.saturating_duration_since(std::time::Instant::now())) {
+            Ok(line) if line.contains("taskgate serving") => return (child, stderr),
+            Ok(_) => {}
+            Err(e) => {
+                end_group(&mut child);
+                panic!("taskgate serve did not say it is serving: {e}");
+            }
+        }
+    }
+}
+
+/// `taskgate serve` started through the launcher, with a thread passing on its stderr lines.
+fn spawn_the_launcher() -> (std::process::Child, mpsc::Receiver<String>) {
     let mut command = npm(
         installed()
             .join("node_modules/.bin/taskgate")
@@ -315,16 +333,7 @@ fn serve_through_the_launcher() -> (std::process::Child, mpsc::Receiver<String>)
             let _ = tx.send(line);
         }
     });
-    loop {
-        match rx.recv_timeout(DEADLINE) {
-            Ok(line) if line.contains("taskgate serving") => return (child, rx),
-            Ok(_) => {}
-            Err(e) => {
-                end_group(&mut child);
-                panic!("taskgate serve did not say it is serving: {e}");
-            }
-        }
-    }
+    (child, rx)
 }
 
 /// Kills the launcher's process group (the launcher and taskgate) and reaps the launcher.
@@ -334,11 +343,13 @@ fn end_group(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-/// Waits for the launcher to exit and for its stderr to close (taskgate gone too).
+/// Waits, at most [`DEADLINE`] in all, until stderr is closed by every process holding it (the
+/// launcher and taskgate), then reaps the launcher.
 fn ended(mut child: std::process::Child, stderr: mpsc::Receiver<String>) -> ExitStatus {
+    let end = std::time::Instant::now() + DEADLINE;
     let mut rest = Vec::new();
     loop {
-        match stderr.recv_timeout(DEADLINE) {
+        match stderr.recv_timeout(end.saturating_duration_since(std::time::Instant::now())) {
             Ok(line) => rest.push(line),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -374,6 +385,83 @@ fn a_signal_that_kills_taskgate_kills_the_launcher_the_same_way() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) }, 0);
     let status = ended(child, stderr);
     assert_eq!(status.signal(), Some(libc::SIGUSR2), "{status:?}");
+}
+
+/// Bug: the launcher installed its signal handlers only after it had started taskgate, so a
+/// signal in between ended the launcher by its default action and left taskgate running with
+/// nobody to stop it (in CI the test above then waited for good on the stderr taskgate held).
+/// The signal here is sent the moment taskgate's process exists, each round.
+#[test]
+fn a_signal_as_the_launcher_starts_taskgate_does_not_leave_taskgate_running() {
+    let test = "a_signal_as_the_launcher_starts_taskgate_does_not_leave_taskgate_running";
+    if npm_or_skip(test).is_none() {
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    for round in 0..10 {
+        let (mut launcher, stderr) = spawn_the_launcher();
+        let end = std::time::Instant::now() + DEADLINE;
+        // A busy look at /proc, not a sleep: the point is to be as early as can be.
+        let taskgate = loop {
+            if let Some(pid) = child_of(launcher.id()) {
+                break pid;
+            }
+            if std::time::Instant::now() > end {
+                end_group(&mut launcher);
+                panic!("round {round}: the launcher started no process");
+            }
+            std::thread::yield_now();
+        };
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        assert_eq!(
+            unsafe { libc::kill(launcher.id() as i32, libc::SIGUSR2) },
+            0
+        );
+        let status = wait_at_most(&mut launcher, DEADLINE);
+        if is_running(taskgate) {
+            end_group(&mut launcher);
+            panic!("round {round}: taskgate ({taskgate}) outlived its launcher ({status:?})");
+        }
+        assert_eq!(status.signal(), Some(libc::SIGUSR2), "round {round}");
+        drop(stderr);
+    }
+}
+
+/// A process whose parent is `parent`, from /proc.
+fn child_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        (stat(pid)?.1 == parent).then_some(pid)
+    })
+}
+
+/// A process's state letter and parent, from `/proc/PID/stat` (its name, in parentheses, may
+/// hold spaces, so the fields are read after the last `)`).
+fn stat(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+/// Whether `pid` is still a live process (not gone, not a zombie).
+fn is_running(pid: u32) -> bool {
+    stat(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+/// Reaps `child`, killing its process group if it has not ended within `limit`.
+fn wait_at_most(child: &mut std::process::Child, limit: Duration) -> ExitStatus {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > end {
+            end_group(child);
+            panic!("the launcher did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Whether tmux runs here; `false` (with a printed reason) outside CI, panics under `CI=true`.

@@ -71,15 +71,18 @@ if (!binary) {
   process.exit(1);
 }
 
-const child = spawn(binary, process.argv.slice(2), { stdio: "inherit" });
-
 // A supervisor's signal to this launcher is passed on to taskgate, once. SIGINT and SIGQUIT typed
 // at a terminal already reach taskgate (the terminal signals the whole foreground process
 // group), so with a terminal on stdin they are not passed on a second time: taskgate treats a
 // second signal as "exit at once".
+//
+// The handlers are installed before taskgate starts: a signal that came after the start but
+// before them would end this launcher by its default action and leave taskgate running with
+// nobody to stop it. A handler runs from the event loop, after this script has set `child`.
 const forwarded = ["SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"];
 const fromTerminal = ["SIGINT", "SIGQUIT"];
 const handlers = new Map();
+let child;
 for (const signal of [...forwarded, ...fromTerminal]) {
   const handler = () => {
     if (fromTerminal.includes(signal) && process.stdin.isTTY) return;
@@ -92,6 +95,8 @@ for (const signal of [...forwarded, ...fromTerminal]) {
   handlers.set(signal, handler);
   process.on(signal, handler);
 }
+
+child = spawn(binary, process.argv.slice(2), { stdio: "inherit" });
 
 child.on("error", (error) => {
   process.stderr.write(`taskgate: cannot run ${binary}: ${error.message}\n`);
