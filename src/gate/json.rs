@@ -494,17 +494,30 @@ impl Drop for TurnGuard {
     }
 }
 
-/// Returns the allocator's free pages to the system (glibc keeps them in its arenas).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Returns the allocator's free pages to the system. jemalloc (taskgate's allocator,
+/// `src/main.rs`) would keep them in its arenas until its decay timers return them, which run
+/// only when it is next used: an idle taskgate would keep the peak of the last burst.
+#[cfg(not(target_env = "msvc"))]
 fn give_back_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it is thread-safe and has
-    // no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
+    // `arena.<i>.purge` for every arena: 4096 is jemalloc's `MALLCTL_ARENAS_ALL`.
+    const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: the name is NUL-terminated, and `arena.<i>.purge` reads and writes nothing, so
+    // the old and new value pointers are null and the length zero, as jemalloc's manual asks.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            PURGE_ALL.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(rc, "jemalloc did not purge its arenas");
     }
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(target_env = "msvc")]
 fn give_back_memory() {}
 
 /// What a large body does when every turn is taken.
