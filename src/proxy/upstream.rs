@@ -187,7 +187,8 @@ impl Pinned {
             .call(connect.uri.clone())
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        let (sender, conn) = http1::handshake(io).await?;
+        // One buffer, one `write` per request, as on the client side (`serve_connection`).
+        let (sender, conn) = http1::Builder::new().writev(false).handshake(io).await?;
         self.install(Box::pin(conn.with_upgrades()));
         Ok(sender)
     }
