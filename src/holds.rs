@@ -281,31 +281,30 @@ impl HoldGuard {
         let held = self.started.elapsed();
         let held_ms = held.as_millis() as u64;
         let reason = crate::claims::render::plain_reason(verdict);
-        {
-            let mut table = self.holds.lock();
-            if let Some(row) = table.rows.remove(&self.id) {
-                tracing::info!(
-                    face = row.face,
-                    kind = row.kind.name(),
-                    session = %row.session,
-                    child = %row.child,
-                    verdict = verdict.name(),
-                    held_ms,
-                    reason = %reason,
-                    "hold released"
-                );
-                table.ended(ReleaseInfo {
-                    face: row.face,
-                    kind: row.kind,
-                    session: row.session,
-                    child: row.child,
-                    at_ms: unix_ms(),
-                    held_ms,
-                    verdict: verdict.name(),
-                    reason,
-                    contradiction,
-                });
-            }
+        // Logged with the table unlocked: a slow stderr must not hold up every other hold.
+        let row = self.holds.lock().rows.remove(&self.id);
+        if let Some(row) = row {
+            tracing::info!(
+                face = row.face,
+                kind = row.kind.name(),
+                session = %row.session,
+                child = %row.child,
+                verdict = verdict.name(),
+                held_ms,
+                reason = %reason,
+                "hold released"
+            );
+            self.holds.lock().ended(ReleaseInfo {
+                face: row.face,
+                kind: row.kind,
+                session: row.session,
+                child: row.child,
+                at_ms: unix_ms(),
+                held_ms,
+                verdict: verdict.name(),
+                reason,
+                contradiction,
+            });
         }
         self.holds.touch();
         let metrics = &self.holds.metrics;
@@ -346,8 +345,9 @@ impl Drop for HoldGuard {
     fn drop(&mut self) {
         if !self.released {
             let held_ms = self.started.elapsed().as_millis() as u64;
-            let mut table = self.holds.lock();
-            if let Some(row) = table.rows.remove(&self.id) {
+            // Logged with the table unlocked, as in `release`.
+            let row = self.holds.lock().rows.remove(&self.id);
+            if let Some(row) = row {
                 // The client went away, the stream ended, or taskgate stops.
                 tracing::info!(
                     face = row.face,
@@ -357,7 +357,7 @@ impl Drop for HoldGuard {
                     held_ms,
                     "hold dropped"
                 );
-                table.ended(ReleaseInfo {
+                self.holds.lock().ended(ReleaseInfo {
                     face: row.face,
                     kind: row.kind,
                     session: row.session,
@@ -370,7 +370,6 @@ impl Drop for HoldGuard {
                     contradiction: false,
                 });
             }
-            drop(table);
             self.holds.touch();
         }
         self.holds
