@@ -19,6 +19,9 @@ use crate::oracle::{unix_ms, Decision, Verdict};
 /// How many ended holds the live view keeps (`releases`, newest first).
 const RECENT_RELEASES: usize = 50;
 
+/// The verdict of a hold that ended without a release (see [`HoldGuard`]'s `Drop`).
+const DROPPED: &str = "dropped";
+
 /// What kind of claim is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -274,6 +277,31 @@ impl HoldGuard {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Takes the hold's row out of the table and records how it ended. Logged with the table
+    /// unlocked: a slow stderr must not hold up every other hold.
+    fn close(&self, held_ms: u64, verdict: &'static str, reason: String, contradiction: bool) {
+        let Some(row) = self.holds.lock().rows.remove(&self.id) else {
+            return;
+        };
+        let (face, kind) = (row.face, row.kind.name());
+        if verdict == DROPPED {
+            tracing::info!(face, kind, session = %row.session, child = %row.child, held_ms, "hold dropped");
+        } else {
+            tracing::info!(face, kind, session = %row.session, child = %row.child, verdict, held_ms, reason = %reason, "hold released");
+        }
+        self.holds.lock().ended(ReleaseInfo {
+            face: row.face,
+            kind: row.kind,
+            session: row.session,
+            child: row.child,
+            at_ms: unix_ms(),
+            held_ms,
+            verdict,
+            reason,
+            contradiction,
+        });
+    }
+
     /// Ends the hold with `verdict`, counting the release and its duration. `contradiction`:
     /// the claim was rewritten because the runtime said otherwise.
     pub fn release(mut self, verdict: &Verdict, contradiction: bool) -> u64 {
@@ -281,31 +309,7 @@ impl HoldGuard {
         let held = self.started.elapsed();
         let held_ms = held.as_millis() as u64;
         let reason = crate::claims::render::plain_reason(verdict);
-        // Logged with the table unlocked: a slow stderr must not hold up every other hold.
-        let row = self.holds.lock().rows.remove(&self.id);
-        if let Some(row) = row {
-            tracing::info!(
-                face = row.face,
-                kind = row.kind.name(),
-                session = %row.session,
-                child = %row.child,
-                verdict = verdict.name(),
-                held_ms,
-                reason = %reason,
-                "hold released"
-            );
-            self.holds.lock().ended(ReleaseInfo {
-                face: row.face,
-                kind: row.kind,
-                session: row.session,
-                child: row.child,
-                at_ms: unix_ms(),
-                held_ms,
-                verdict: verdict.name(),
-                reason,
-                contradiction,
-            });
-        }
+        self.close(held_ms, verdict.name(), reason, contradiction);
         self.holds.touch();
         let metrics = &self.holds.metrics;
         metrics
@@ -345,31 +349,13 @@ impl Drop for HoldGuard {
     fn drop(&mut self) {
         if !self.released {
             let held_ms = self.started.elapsed().as_millis() as u64;
-            // Logged with the table unlocked, as in `release`.
-            let row = self.holds.lock().rows.remove(&self.id);
-            if let Some(row) = row {
-                // The client went away, the stream ended, or taskgate stops.
-                tracing::info!(
-                    face = row.face,
-                    kind = row.kind.name(),
-                    session = %row.session,
-                    child = %row.child,
-                    held_ms,
-                    "hold dropped"
-                );
-                self.holds.lock().ended(ReleaseInfo {
-                    face: row.face,
-                    kind: row.kind,
-                    session: row.session,
-                    child: row.child,
-                    at_ms: unix_ms(),
-                    held_ms,
-                    verdict: "dropped",
-                    reason: "the client went away or taskgate stopped before the tree ended"
-                        .to_owned(),
-                    contradiction: false,
-                });
-            }
+            // The client went away, the stream ended, or taskgate stops.
+            self.close(
+                held_ms,
+                DROPPED,
+                "the client went away or taskgate stopped before the tree ended".to_owned(),
+                false,
+            );
             self.holds.touch();
         }
         self.holds
