@@ -277,29 +277,31 @@ impl HoldGuard {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Takes the hold's row out of the table and records how it ended. Logged with the table
-    /// unlocked: a slow stderr must not hold up every other hold.
+    /// Takes the hold's row out of the table, records how it ended and tells the watchers of
+    /// the table. Logged with the table unlocked: a slow stderr must not hold up every other
+    /// hold.
     fn close(&self, held_ms: u64, verdict: &'static str, reason: String, contradiction: bool) {
-        let Some(row) = self.holds.lock().rows.remove(&self.id) else {
-            return;
-        };
-        let (face, kind) = (row.face, row.kind.name());
-        if verdict == DROPPED {
-            tracing::info!(face, kind, session = %row.session, child = %row.child, held_ms, "hold dropped");
-        } else {
-            tracing::info!(face, kind, session = %row.session, child = %row.child, verdict, held_ms, reason = %reason, "hold released");
+        let row = self.holds.lock().rows.remove(&self.id);
+        if let Some(row) = row {
+            let (face, kind) = (row.face, row.kind.name());
+            if verdict == DROPPED {
+                tracing::info!(face, kind, session = %row.session, child = %row.child, held_ms, "hold dropped");
+            } else {
+                tracing::info!(face, kind, session = %row.session, child = %row.child, verdict, held_ms, reason = %reason, "hold released");
+            }
+            self.holds.lock().ended(ReleaseInfo {
+                face: row.face,
+                kind: row.kind,
+                session: row.session,
+                child: row.child,
+                at_ms: unix_ms(),
+                held_ms,
+                verdict,
+                reason,
+                contradiction,
+            });
         }
-        self.holds.lock().ended(ReleaseInfo {
-            face: row.face,
-            kind: row.kind,
-            session: row.session,
-            child: row.child,
-            at_ms: unix_ms(),
-            held_ms,
-            verdict,
-            reason,
-            contradiction,
-        });
+        self.holds.touch();
     }
 
     /// Ends the hold with `verdict`, counting the release and its duration. `contradiction`:
@@ -310,7 +312,6 @@ impl HoldGuard {
         let held_ms = held.as_millis() as u64;
         let reason = crate::claims::render::plain_reason(verdict);
         self.close(held_ms, verdict.name(), reason, contradiction);
-        self.holds.touch();
         let metrics = &self.holds.metrics;
         metrics
             .releases
@@ -356,7 +357,6 @@ impl Drop for HoldGuard {
                 "the client went away or taskgate stopped before the tree ended".to_owned(),
                 false,
             );
-            self.holds.touch();
         }
         self.holds
             .metrics
