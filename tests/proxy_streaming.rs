@@ -186,6 +186,107 @@ async fn sse_first_event_reaches_the_client_before_the_runtime_sends_the_second(
     assert_eq!(received, [EVENT1, EVENT2].concat());
 }
 
+/// A runtime connection that carries an event stream reads with a small buffer (64 KiB), since
+/// hyper keeps a grown buffer for the connection's life (docs/performance.md, "Holds: a small
+/// read buffer for event streams"). A burst far larger than that, and events larger than it,
+/// must still arrive whole and in order.
+#[tokio::test]
+async fn an_event_stream_burst_larger_than_its_read_buffer_arrives_whole() {
+    let burst: Vec<u8> = (0..6u8)
+        .flat_map(|n| {
+            let text = vec![b'a' + n; 150 * 1024];
+            [b"data: ".as_slice(), &text, b"\n\n"].concat()
+        })
+        .collect();
+    let sent = Bytes::from(burst.clone());
+    let upstream = Upstream::start(move |_req: Request<Incoming>| {
+        let sent = sent.clone();
+        async move {
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from(sent))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&upstream.url()).await;
+    let request = Request::get(proxy.url("/log/stream"))
+        .header("accept", "text/event-stream")
+        .body(Body::empty())
+        .unwrap();
+    let response = within("the response head", support::client().request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let received = within("the whole burst", response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(
+        received[..] == burst[..],
+        "{} of {} bytes, or not in order",
+        received.len(),
+        burst.len()
+    );
+}
+
+/// The runtime connection made for an event stream keeps its small read buffer, so it is not
+/// left idle for the next client connection, where a 10 MiB download could get it (plain ones
+/// are: `upstream_connections_are_pooled_across_client_connections`): it closes when its
+/// client connection ends.
+#[tokio::test]
+async fn an_event_stream_runtime_connection_closes_with_its_client_connection() {
+    use tokio::io::AsyncReadExt;
+    // A runtime that answers one request per connection, keeps the connection open, and
+    // reports when taskgate closes it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed) = mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                          content-length: 9\r\n\r\ndata: 1\n\n",
+                    )
+                    .await
+                    .unwrap();
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!("http://{addr}")).await;
+    let raw = support::raw_exchange(
+        proxy.addr,
+        b"GET /log/stream HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (head, body) = support::split_response(&raw);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"data: 1\n\n");
+    within(
+        "the event stream's runtime connection to close",
+        closed.recv(),
+    )
+    .await
+    .unwrap();
+}
+
 /// An upstream WebSocket endpoint that echoes every message.
 async fn websocket_echo(req: Request<Incoming>) -> Response<Body> {
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;

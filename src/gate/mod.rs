@@ -63,6 +63,14 @@ enum Surface {
     History { single: bool },
 }
 
+impl Intercept {
+    /// The response is one of the runtime's event streams, open for as long as the client
+    /// listens.
+    pub fn is_event_stream(&self) -> bool {
+        matches!(self.surface, Surface::Events { .. })
+    }
+}
+
 /// The gate's handle; cheap to clone.
 #[derive(Clone)]
 pub struct Gate {

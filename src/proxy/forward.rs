@@ -29,6 +29,7 @@ use super::body::Relay;
 use super::error::ProxyError;
 use super::upstream::Pinned;
 use super::{headers, upgrade, ProxyState};
+use crate::gate::Intercept;
 use crate::metrics::KindLabel;
 
 /// Forwards one request on the client connection's runtime connection (`pinned`) and returns
@@ -47,6 +48,11 @@ pub async fn forward(
     let intercept = state
         .gate()
         .and_then(|g| g.intercept(req.method(), req.uri(), req.headers()));
+    // An event stream gets a runtime connection of its own with a small read buffer
+    // (`upstream::STREAM_READ_BUFFER`). Event streams are `GET`s (EventSource sends nothing else).
+    let stream = req.method() == http::Method::GET
+        && (intercept.as_ref().is_some_and(Intercept::is_event_stream)
+            || headers::accepts_event_stream(req.headers()));
     let upgrade_to = headers::upgrade_request(req.headers());
     let client_upgrade = upgrade_to.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
@@ -96,7 +102,7 @@ pub async fn forward(
     // A client that goes away drops this future and ends its connection's task, which drops
     // the runtime connection the request was sent on (`upstream`'s module doc).
     let result = pinned
-        .send(state.connect(), state.spares(), upstream_req)
+        .send(state.connect(), state.spares(), upstream_req, stream)
         .await;
     let mut response = match result {
         Ok(response) => {

@@ -95,6 +95,22 @@ pub fn accepts_trailers(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Whether the client asks for an event stream (`Accept: text/event-stream`, the media type of
+/// the WHATWG HTML standard's server-sent events).
+pub fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            range
+                .split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
 /// Adds the de-facto `X-Forwarded-*` fields.
 ///
 /// - `X-Forwarded-For`: the peer's address is appended to any list the client sent, so a chain
@@ -240,6 +256,24 @@ mod tests {
         assert!(accepts_trailers(&map(&[("te", "gzip;q=0.5, Trailers")])));
         assert!(!accepts_trailers(&map(&[("te", "gzip")])));
         assert!(!accepts_trailers(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn an_event_stream_is_recognised_among_the_accepted_types() {
+        assert!(accepts_event_stream(&map(&[(
+            "accept",
+            "text/event-stream"
+        )])));
+        assert!(accepts_event_stream(&map(&[(
+            "accept",
+            "application/json;q=0.5, Text/Event-Stream; q=1"
+        )])));
+        assert!(!accepts_event_stream(&map(&[(
+            "accept",
+            "text/event-streams"
+        )])));
+        assert!(!accepts_event_stream(&map(&[("accept", "*/*")])));
+        assert!(!accepts_event_stream(&HeaderMap::new()));
     }
 
     #[test]

@@ -38,6 +38,13 @@ use super::socket::UpstreamConnector;
 /// completed" race, hyper#2136).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The largest read buffer of a runtime connection made for an event stream. hyper's adaptive
+/// reads grow a connection's buffer up to about 400 KiB when a burst fills it, and the connection
+/// keeps what it grew for as long as it lives: 50 event streams after one burst of releases held
+/// 25 MB (docs/performance.md, "Holds: a small read buffer for event streams"). Events are small;
+/// the rest of a burst waits in the kernel's socket buffer instead.
+const STREAM_READ_BUFFER: usize = 64 * 1024;
+
 /// Idle runtime connections kept for client connections to come. Each costs a descriptor; they
 /// come out of the reserve `limits::connection_cap` keeps.
 const MAX_SPARES: usize = 32;
@@ -125,6 +132,9 @@ struct Slot {
     /// The runtime switched protocols: the connection hands its socket to a tunnel once it is
     /// driven to its end.
     upgrading: bool,
+    /// The connection was made for an event stream, with a small read buffer: it is not left to
+    /// [`Spares`], where a large download could get it.
+    stream: bool,
 }
 
 impl Pinned {
@@ -153,60 +163,81 @@ impl Pinned {
         }
     }
 
-    fn install(&self, conn: Pin<Box<Conn>>) {
+    fn install(&self, conn: Pin<Box<Conn>>, stream: bool) {
         let mut slot = self.lock();
         slot.conn = Some(conn);
         slot.upgrading = false;
+        slot.stream = stream;
         if let Some(waker) = &slot.waker {
             waker.wake_by_ref();
         }
     }
 
     /// A connection used before: this client connection's own between requests, or a spare.
-    fn take_reused(&self, spares: &Spares) -> Option<SendRequest<Body>> {
+    /// An event stream takes only a connection made for one (its read buffer is small).
+    fn take_reused(&self, spares: &Spares, stream: bool) -> Option<SendRequest<Body>> {
         {
             let mut slot = self.lock();
             match slot.sender.take() {
-                Some((sender, since)) if slot.conn.is_some() && since.elapsed() < IDLE_TIMEOUT => {
+                Some((sender, since))
+                    if slot.conn.is_some()
+                        && since.elapsed() < IDLE_TIMEOUT
+                        && (slot.stream || !stream) =>
+                {
                     return Some(sender);
                 }
-                // Closed by the runtime, or idle too long: closed here too.
+                // Closed by the runtime, idle too long, or not made for an event stream:
+                // closed here too.
                 Some(_) => slot.conn = None,
                 None => {}
             }
         }
+        if stream {
+            return None;
+        }
         let idle = spares.take()?;
-        self.install(idle.conn);
+        self.install(idle.conn, false);
         Some(idle.sender)
     }
 
-    async fn connect(&self, connect: &Connect) -> Result<SendRequest<Body>, SendError> {
+    async fn connect(
+        &self,
+        connect: &Connect,
+        stream: bool,
+    ) -> Result<SendRequest<Body>, SendError> {
         let io = connect
             .connector
             .clone()
             .call(connect.uri.clone())
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
+        let mut builder = http1::Builder::new();
         // One buffer, one `write` per request, as on the client side (`serve_connection`).
-        let (sender, conn) = http1::Builder::new().writev(false).handshake(io).await?;
-        self.install(Box::pin(conn.with_upgrades()));
+        builder.writev(false);
+        if stream {
+            builder.max_buf_size(STREAM_READ_BUFFER);
+        }
+        let (sender, conn) = builder.handshake(io).await?;
+        self.install(Box::pin(conn.with_upgrades()), stream);
         Ok(sender)
     }
 
     /// Sends `request` on this client connection's runtime connection (taking a spare or
     /// connecting when it has none). A connection used before that turns out closed before the
-    /// request went out is replaced once, as a pool would.
+    /// request went out is replaced once, as a pool would. `stream`: the client asked for an
+    /// event stream, which gets a connection of its own with a small read buffer.
     pub async fn send(
         &self,
         connect: &Connect,
         spares: &Spares,
         mut request: Request<Body>,
+        stream: bool,
     ) -> Result<Response<Incoming>, SendError> {
-        let mut reused = self.take_reused(spares);
+        let mut reused = self.take_reused(spares, stream);
         loop {
             let (mut sender, was_reused) = match reused.take() {
                 Some(sender) => (sender, true),
-                None => (self.connect(connect).await?, false),
+                None => (self.connect(connect, stream).await?, false),
             };
             if was_reused && sender.ready().await.is_err() {
                 tracing::debug!("runtime connection closed while idle; connecting again");
@@ -235,11 +266,17 @@ impl Pinned {
 
     /// At the end of the client connection (after its HTTP side is dropped, so no response
     /// body holds the runtime connection any more): a tunnel's connection is driven until it
-    /// hands its socket over; an idle one is left to [`Spares`]; anything else is closed.
+    /// hands its socket over; an idle one is left to [`Spares`], unless it was made for an
+    /// event stream; anything else is closed.
     pub async fn finish(self, spares: &Spares, shutdown: &CancellationToken) {
-        let (sender, conn, upgrading) = {
+        let (sender, conn, upgrading, stream) = {
             let mut slot = self.lock();
-            (slot.sender.take(), slot.conn.take(), slot.upgrading)
+            (
+                slot.sender.take(),
+                slot.conn.take(),
+                slot.upgrading,
+                slot.stream,
+            )
         };
         let Some(mut conn) = conn else { return };
         if upgrading {
@@ -256,7 +293,7 @@ impl Pinned {
         let Some((mut sender, _)) = sender else {
             return;
         };
-        if shutdown.is_cancelled() {
+        if stream || shutdown.is_cancelled() {
             return;
         }
         // Until the connection is ready for another request, or closes (a response the client
