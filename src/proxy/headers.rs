@@ -82,32 +82,28 @@ pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
 /// Whether the client said it accepts trailers (`TE: trailers`); the only `TE` value worth
 /// carrying to the next hop, so it is put back after [`strip_hop_by_hop`].
 pub fn accepts_trailers(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| {
-            token
-                .split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
+    lists(headers, header::TE, "trailers")
 }
 
 /// Whether the client asks for an event stream (`Accept: text/event-stream`, the media type of
 /// the WHATWG HTML standard's server-sent events).
 pub fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    lists(headers, header::ACCEPT, "text/event-stream")
+}
+
+/// Whether any `name` field, a comma-separated list, has `item` (case-insensitive) as an
+/// element, its parameters (after `;`) aside.
+fn lists(headers: &HeaderMap, name: HeaderName, item: &str) -> bool {
     headers
-        .get_all(header::ACCEPT)
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|range| {
-            range
+        .any(|element| {
+            element
                 .split(';')
                 .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+                .is_some_and(|e| e.trim().eq_ignore_ascii_case(item))
         })
 }
 
