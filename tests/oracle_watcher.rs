@@ -145,6 +145,39 @@ async fn the_watchers_thread_ends_with_the_runtime_that_started_it() {
     assert_no_reconnect(&up, "the watcher outlived the runtime that started it").await;
 }
 
+/// CI caught `the_watchers_thread_ends_with_the_runtime_that_started_it` failing once: the task
+/// that stops the watcher when the starting runtime ends only armed its stop on its first poll,
+/// so a runtime that ended before its workers ran that task left the watcher reconnecting for
+/// ever. Here the runtime never runs its tasks at all: the test waits for the watcher's first
+/// connect without yielding to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_that_ends_before_running_the_oracles_tasks_still_stops_the_watcher() {
+    let up = Upstream::start(Data::all_done(), None).await;
+    let (url, double) = (up.url.clone(), up.double.clone());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let oracle = Oracle::new(&config(&url, "1h", "50ms"));
+            oracle.start(CancellationToken::new());
+            // Blocking, so this runtime never polls the task `start` spawned.
+            let deadline = std::time::Instant::now() + PATIENCE;
+            while double.connects() < 1 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "timed out waiting for the first connect"
+                );
+                std::thread::sleep(Duration::from_millis(5)); // poll interval
+            }
+        });
+    })
+    .join()
+    .unwrap();
+    assert_no_reconnect(&up, "the watcher outlived the runtime that started it").await;
+}
+
 /// Ends the event stream of `up` and watches for 2 s (20 backoff steps) that no watcher
 /// connects again.
 async fn assert_no_reconnect(up: &Upstream, why: &str) {

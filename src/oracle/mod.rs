@@ -315,8 +315,11 @@ impl Oracle {
                 stop.clone(),
             ));
         }
+        // Armed here, not in the task: a runtime that ends before its workers first poll the
+        // task drops it unpolled, and the guard must still go with it.
+        let stop_watcher = stop.drop_guard();
         tokio::spawn(async move {
-            let _stop_watcher = stop.drop_guard();
+            let _stop_watcher = stop_watcher;
             shutdown.cancelled().await;
             inner.shutdown.cancel();
         });
